@@ -1,0 +1,38 @@
+# Quickstart: `make demo` and `make test`. Both create or reuse .venv and install what they need.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast cuda-check bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+# torch is pinned here: a looser requirement would pull a multi-GB CUDA build on a CPU machine.
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mmfuse_fast.demo
+
+# The CUDA sources must keep compiling even where torch is a CPU build.
+cuda-check:
+	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*.cu >/dev/null 2>&1; then \
+		for f in csrc/cuda/*.cu; do echo "nvcc -c $$f"; nvcc -c -std=c++17 -Icsrc -o /tmp/$$(basename $$f).o $$f || exit 1; done; \
+	else echo "cuda-check: no nvcc or no CUDA sources, skipped"; fi
+
+test: $(STAMP) cuda-check
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build *.egg-info mmfuse_fast/*.so runs

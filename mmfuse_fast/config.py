@@ -1,0 +1,240 @@
+"""Configuration: YAML files mapped onto dataclasses, every key validated.
+
+A config file is a nested mapping whose sections mirror the dataclasses below. `load_config` starts from the
+dataclass defaults, applies the file, then `--set section.key=value` overrides, and refuses any key it does not
+know (naming it, with the closest valid names) and any value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+S1_BANDS = ("VV", "VH")
+S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmfuse"  # key in mmfuse_fast.models.MODELS
+    modalities: dict[str, list[str]] = field(default_factory=lambda: {"s1": list(S1_BANDS), "s2": list(S2_BANDS)})
+    img_size: int = 120
+    patch_size: int = 8  # 120 / 8 = 15 x 15 = 225 tokens per modality
+    embed_dim: int = 192
+    num_heads: int = 3
+    stem_depth: int = 1  # per-modality blocks before fusion
+    caf_depth: int = 1  # cross-attention fusion blocks
+    encoder_depth: int = 4  # blocks over the concatenated fused tokens
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    consistent_mask: bool = False  # same masked positions in every modality
+    norm_pix_loss: bool = True
+    caf: bool = True
+    cmf: bool = True
+    contrastive: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 0.6])  # [r, r] for a fixed crop ratio r
+    contrastive_weight: float = 0.5  # lambda
+    temperature: float = 0.1
+    proj_dim: int = 128
+    ops_backend: str = "auto"  # auto | triton | reference
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "bigearthnet_v2"
+    root: str = ""  # empty: the BigEarthNet v2 sample, fetched into the cache
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    drop_snow_cloud: bool = False
+    on_error: str = "raise"  # raise | skip
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 20
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    pretrained: str = ""  # pretraining run directory or checkpoint; empty trains from scratch
+    task: str = "multilabel"
+    mode: str = "linear"  # linear (frozen encoder) | full
+    label_fraction: float = 1.0
+    pooling: str = "mean"
+    data: DataConfig = field(default_factory=lambda: DataConfig(splits=["train"]))
+    eval_split: str = "test"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=10))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _from_dict(annotation, value, key + ".")
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_check_value(k, key_type, key): _check_value(v, item, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config annotation {annotation!r} for '{key}'")
+
+
+def _from_dict(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(names)})")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial section is laid over the section's own defaults.
+            value = dataclasses.asdict(default) | value
+        kwargs[key] = _check_value(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, values: dict):
+    """Builds `cls` from a (possibly partial) nested mapping; unknown keys and wrong types raise ConfigError."""
+    return _from_dict(cls, values or {})
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.caf=false' -> ('model.caf', False); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a built-in config in mmfuse_fast/configs (tiny, small, base, ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not builtin.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config named {name_or_path!r}; built-in configs: {', '.join(known)}")
+    return builtin
+
+
+def read_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return values
+
+
+def load_config(cls, config: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Defaults <- config file (name, path or mapping) <- `key=value` overrides; validated throughout."""
+    if config is None:
+        values: dict = {}
+    elif isinstance(config, dict):
+        values = dict(config)
+    else:
+        values = read_yaml(resolve_config_path(config))
+    values = _deep_copy(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(values, key, value)
+    return from_dict(cls, values)
+
+
+def _deep_copy(d):
+    return yaml.safe_load(yaml.safe_dump(d)) if d else {}
+
+
+def save_config(config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)

@@ -1,0 +1,59 @@
+"""`crop_resize` and `random_boxes`: per-box bilinear crop-and-resize for the cross-scale branch (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from mmfuse_fast.ops.reference import crop_resize_reference, random_boxes_reference
+
+
+def _check(images, boxes, size, box_index):
+    if images.dim() != 4:
+        raise ValueError(f"crop_resize: images must be (N, C, H, W); got {tuple(images.shape)}")
+    if images.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"crop_resize: images must be float32/float16/bfloat16/float64; got {images.dtype}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+        raise ValueError(f"crop_resize: boxes must be float (K, 4); got {boxes.dtype} {tuple(boxes.shape)}")
+    if len(size) != 2 or min(int(s) for s in size) < 1:
+        raise ValueError(f"crop_resize: size must be (h, w) with h, w >= 1; got {size}")
+    n, _, height, width = images.shape
+    if box_index is None:
+        if boxes.shape[0] != n:
+            raise ValueError(f"crop_resize: without box_index there must be one box per image ({n}); got {boxes.shape[0]}")
+    elif box_index.dtype != torch.int64 or tuple(box_index.shape) != (boxes.shape[0],):
+        raise ValueError(f"crop_resize: box_index must be int64 ({boxes.shape[0]},); got {box_index.dtype} "
+                         f"{tuple(box_index.shape)}")
+    # Value checks need the data on the host; on an accelerator they would stall the stream, so there they are
+    # asserted asynchronously instead.
+    eps = 1e-4
+    bad_box = ~torch.isfinite(boxes).all(-1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]) \
+        | (boxes[:, 0] < -eps) | (boxes[:, 1] < -eps) | (boxes[:, 2] > width + eps) | (boxes[:, 3] > height + eps)
+    bad_index = None if box_index is None else (box_index < 0) | (box_index >= n)
+    if boxes.device.type == "cpu":
+        if bad_box.any():
+            k = int(bad_box.nonzero()[0])
+            raise ValueError(f"crop_resize: box {k} = {boxes[k].tolist()} is not inside the {width}x{height} image "
+                             "with x2 > x1 and y2 > y1")
+        if bad_index is not None and bad_index.any():
+            k = int(bad_index.nonzero()[0])
+            raise IndexError(f"crop_resize: box_index[{k}] = {int(box_index[k])} is out of range for {n} images")
+    else:
+        torch._assert_async(~bad_box.any(), "crop_resize: a box is outside the image or has x2 <= x1 / y2 <= y1")
+        if bad_index is not None:
+            torch._assert_async(~bad_index.any(), "crop_resize: box_index out of range")
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, C, h, w): images[box_index[k]] bilinearly sampled on an h x w grid over boxes[k] = (x1, y1, x2, y2)."""
+    _check(images, boxes, size, box_index)
+    return crop_resize_reference(images, boxes, (int(size[0]), int(size[1])), box_index)
+
+
+def random_boxes(n, height, width, scale=(0.4, 0.6), ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
+    """(n, 4) float boxes inside a height x width image, area fraction in `scale`, width/height in `ratio`,
+    sampled on `device` without a host synchronization."""
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"random_boxes: scale must satisfy 0 < lo <= hi <= 1; got {scale}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"random_boxes: ratio must satisfy 0 < lo <= hi; got {ratio}")
+    return random_boxes_reference(n, height, width, scale, ratio, generator, device)
