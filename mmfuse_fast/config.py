@@ -23,7 +23,16 @@ S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09"
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or its value has the wrong type."""
+    """A config key is unknown or its value has the wrong type or range."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -53,6 +62,22 @@ class ModelConfig:
     proj_dim: int = 128
     ops_backend: str = "auto"  # auto | triton | reference
 
+    def __post_init__(self):
+        _require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
+        for name, bands in self.modalities.items():
+            _require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
+                     f"must list distinct band names; got {bands}")
+        _require(self.img_size % self.patch_size == 0, "model.patch_size",
+                 f"must divide model.img_size={self.img_size}; got {self.patch_size}")
+        _require(self.embed_dim % self.num_heads == 0, "model.num_heads", f"must divide embed_dim={self.embed_dim}")
+        _require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
+                 f"must divide decoder_dim={self.decoder_dim}")
+        _require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1); got {self.mask_ratio}")
+        _require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+                 "model.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1; got {self.crop_scale}")
+        _require(self.temperature > 0, "model.temperature", "must be positive")
+        _one_of(self.ops_backend, ("auto", "triton", "reference"), "model.ops_backend")
+
 
 @dataclass
 class DataConfig:
@@ -62,6 +87,10 @@ class DataConfig:
     drop_snow_cloud: bool = False
     on_error: str = "raise"  # raise | skip
     num_workers: int = 0
+
+    def __post_init__(self):
+        _one_of(self.on_error, ("raise", "skip"), "data.on_error")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
 @dataclass
@@ -83,6 +112,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
+    def __post_init__(self):
+        _require(self.steps >= 0, "train.steps", "must be >= 0")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every",
+                 "and train.checkpoint_every must be >= 1")
+
 
 @dataclass
 class PretrainConfig:
@@ -103,6 +138,12 @@ class FinetuneConfig:
     eval_split: str = "test"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=10))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=8))
+
+    def __post_init__(self):
+        _one_of(self.mode, ("linear", "full"), "mode")
+        _one_of(self.task, ("multilabel",), "task")
+        _one_of(self.pooling, ("mean",), "pooling")
+        _require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
