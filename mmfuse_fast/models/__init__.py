@@ -1,0 +1,13 @@
+"""Models: shared layers, the paper's MMFuseMAE, task heads, and a registry of named models (`model.name`)."""
+
+from mmfuse_fast.models.heads import MultiLabelClassifier
+from mmfuse_fast.models.layers import (Attention, Block, CrossAttention, CrossBlock, Mlp, ModalityTokenizer,
+                                       PatchEmbed, sincos_pos_embed_2d)
+from mmfuse_fast.models.mmfuse import MMFuseMAE
+from mmfuse_fast.models.registry import MODELS, build_model, register_model
+
+__all__ = [
+    "MODELS", "build_model", "register_model", "MMFuseMAE", "MultiLabelClassifier",
+    "PatchEmbed", "ModalityTokenizer", "Mlp", "Attention", "CrossAttention", "Block", "CrossBlock",
+    "sincos_pos_embed_2d",
+]
