@@ -11,7 +11,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
 # torch is pinned here: a looser requirement would pull a multi-GB CUDA build on a CPU machine.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h csrc/*/*.cu)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
@@ -22,10 +22,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mmfuse_fast.demo
 
-# The CUDA sources must keep compiling even where torch is a CPU build.
+# The CUDA sources must keep compiling even where torch is a CPU build: csrc/cuda/*.cu include no torch headers,
+# so nvcc compiles them alone, for the archs setup.py builds (8.0 and 9.0) and with the half-type macros torch's
+# extension builds define (no implicit __half/__nv_bfloat16 conversions).
+NVCC_CHECK_FLAGS := -std=c++17 -Icsrc -Xcompiler -Wall -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*.cu >/dev/null 2>&1; then \
-		for f in csrc/cuda/*.cu; do echo "nvcc -c $$f"; nvcc -c -std=c++17 -Icsrc -o /tmp/$$(basename $$f).o $$f || exit 1; done; \
+		out=$$(mktemp -d); \
+		for f in csrc/cuda/*.cu; do echo "nvcc -c $$f"; \
+			nvcc -c $(NVCC_CHECK_FLAGS) -o $$out/$$(basename $$f).o $$f || { rm -rf $$out; exit 1; }; done; \
+		rm -rf $$out; \
 	else echo "cuda-check: no nvcc or no CUDA sources, skipped"; fi
 
 test: $(STAMP) cuda-check

@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import torch
 
+from mmfuse_fast.ops import _extension
 from mmfuse_fast.ops.reference import crop_resize_reference, random_boxes_reference
 
+CROP_RESIZE_BACKENDS = ("auto", "extension", "reference")
 
-def _check(images, boxes, size, box_index):
+
+def crop_resize_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend of crop_resize for tensors on `device`: "extension" (torch.ops.mmfuse.crop_resize from
+    csrc/) where it has a kernel for that device, else "reference" (the grid_sample fallback, same semantics)."""
+    if backend not in CROP_RESIZE_BACKENDS:
+        raise ValueError(f"crop_resize: unknown backend {backend!r}; expected one of {CROP_RESIZE_BACKENDS}")
+    if backend == "reference":
+        return backend
+    device_type = torch.device(device).type
+    if _extension.has_kernel("crop_resize", device_type):
+        return "extension"
+    if backend == "extension":
+        reason = "is not built" if not _extension.AVAILABLE else f"has no {device_type} kernel"
+        raise RuntimeError(f"crop_resize: backend='extension' but mmfuse_fast._C {reason} "
+                           f"({_extension.LOAD_ERROR}); build it with `pip install --no-build-isolation -e .`")
+    return "reference"
+
+
+def _check(images, boxes, size, box_index, values=True):
     if images.dim() != 4:
         raise ValueError(f"crop_resize: images must be (N, C, H, W); got {tuple(images.shape)}")
     if images.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -16,6 +36,9 @@ def _check(images, boxes, size, box_index):
         raise ValueError(f"crop_resize: boxes must be float (K, 4); got {boxes.dtype} {tuple(boxes.shape)}")
     if len(size) != 2 or min(int(s) for s in size) < 1:
         raise ValueError(f"crop_resize: size must be (h, w) with h, w >= 1; got {size}")
+    for name, t in (("boxes", boxes), ("box_index", box_index)):
+        if t is not None and t.device != images.device:
+            raise ValueError(f"crop_resize: {name} is on {t.device} but images are on {images.device}")
     n, _, height, width = images.shape
     if box_index is None:
         if boxes.shape[0] != n:
@@ -24,7 +47,9 @@ def _check(images, boxes, size, box_index):
         raise ValueError(f"crop_resize: box_index must be int64 ({boxes.shape[0]},); got {box_index.dtype} "
                          f"{tuple(box_index.shape)}")
     # Value checks need the data on the host; on an accelerator they would stall the stream, so there they are
-    # asserted asynchronously instead.
+    # asserted asynchronously instead (values=False: the CUDA kernel asserts them itself, saving the launches).
+    if not values and boxes.device.type != "cpu":
+        return
     eps = 1e-4
     bad_box = ~torch.isfinite(boxes).all(-1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]) \
         | (boxes[:, 0] < -eps) | (boxes[:, 1] < -eps) | (boxes[:, 2] > width + eps) | (boxes[:, 3] > height + eps)
@@ -43,10 +68,20 @@ def _check(images, boxes, size, box_index):
             torch._assert_async(~bad_index.any(), "crop_resize: box_index out of range")
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, C, h, w): images[box_index[k]] bilinearly sampled on an h x w grid over boxes[k] = (x1, y1, x2, y2)."""
-    _check(images, boxes, size, box_index)
-    return crop_resize_reference(images, boxes, (int(size[0]), int(size[1])), box_index)
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torch.Tensor | None = None, *,
+                backend: str = "auto") -> torch.Tensor:
+    """(K, C, h, w): images[box_index[k]] bilinearly sampled on an h x w grid over boxes[k] = (x1, y1, x2, y2).
+
+    Differentiable in `images`. `backend`: "auto" (the C++/CUDA extension when it is built and has a kernel for the
+    device, else the grid_sample fallback), "extension" (error when not built) or "reference"."""
+    resolved = crop_resize_backend(backend, images.device)
+    _check(images, boxes, size, box_index, values=resolved == "reference")
+    out_h, out_w = int(size[0]), int(size[1])
+    if resolved == "reference":
+        return crop_resize_reference(images, boxes, (out_h, out_w), box_index)
+    if box_index is None:
+        box_index = torch.arange(images.shape[0], device=images.device)
+    return torch.ops.mmfuse.crop_resize(images, boxes, box_index, out_h, out_w)
 
 
 def random_boxes(n, height, width, scale=(0.4, 0.6), ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
