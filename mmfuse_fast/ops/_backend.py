@@ -40,7 +40,7 @@ def resolve(backend: str, tensor: torch.Tensor, op: str) -> str:
 
 
 # Ops register here when their Triton implementation lands, so that "auto" picks them up.
-TRITON_OPS: set[str] = set()
+TRITON_OPS: set[str] = {"modality_attention", "multiscale_infonce"}
 
 
 def op_has_triton(op: str) -> bool:

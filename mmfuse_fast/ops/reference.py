@@ -69,9 +69,48 @@ def modality_attention_reference(q, k, v, q_segments, kv_segments, allow=None, q
 
 def _directional_ce_sum(rows: torch.Tensor, cols: torch.Tensor, temperature, first_positive: int) -> torch.Tensor:
     """Sum over rows r of CE(rows[s, r] . cols[s]^T / tau, positive = first_positive + r), summed over s."""
-    logits = torch.einsum("sbd,scd->sbc", rows.float(), cols.float()) / temperature  # (S, b, B_global)
+    math_dtype = torch.float64 if torch.float64 in (rows.dtype, cols.dtype) else torch.float32
+    logits = torch.einsum("sbd,scd->sbc", rows.to(math_dtype), cols.to(math_dtype)) / temperature  # (S, b, B_global)
     targets = torch.arange(rows.shape[1], device=rows.device) + first_positive
     return F.cross_entropy(logits.flatten(0, 1), targets.repeat(rows.shape[0]), reduction="sum")
+
+
+class _AllGatherBatch(torch.autograd.Function):
+    """Concatenates `x` (S, b, D) of every rank along dim 1; backward sums the gradients of all ranks.
+
+    Not torch.distributed.nn.functional.all_gather: its backward on gloo (torch 2.13) scatters into
+    `empty_like` buffers of the non-contiguous gradient slices that torch.cat's backward hands it, which
+    silently permutes the gradient elements of any tensor gathered along a non-leading dimension.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        n_scales, n_global, dim = grad.shape
+        per_rank = grad.reshape(n_scales, world, n_global // world, dim).transpose(0, 1).contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = torch.empty_like(per_rank[0])
+            dist.reduce_scatter_tensor(out, per_rank.flatten(0, 1), group=ctx.group)
+            return out, None
+        dist.all_reduce(per_rank, group=ctx.group)  # gloo has no reduce_scatter
+        return per_rank[rank], None
+
+
+def all_gather_batch(x: torch.Tensor, group) -> torch.Tensor:
+    """(S, b, D) on every rank -> (S, world·b, D), differentiable: each rank gets the sum of all ranks' gradients."""
+    return _AllGatherBatch.apply(x, group)
 
 
 def multiscale_infonce_reference(anchors, views, temperature=0.1, symmetric=True, group=None):
@@ -86,15 +125,14 @@ def multiscale_infonce_reference(anchors, views, temperature=0.1, symmetric=True
         return loss / (n_scales * local_batch)
 
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     # Every rank scores its own rows against the global columns; all_gather's backward sums the column gradients
     # of all ranks, so each rank's embeddings get exactly the gradient of the global loss.
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    all_views = torch.cat(dist_fn.all_gather(views.contiguous(), group=group), dim=1)
+    all_views = all_gather_batch(views, group)
     partial = _directional_ce_sum(anchors, all_views, temperature, rank * local_batch)
     if symmetric:
-        all_anchors = torch.cat(dist_fn.all_gather(anchors.contiguous(), group=group), dim=1)
+        all_anchors = all_gather_batch(anchors, group)
         partial = 0.5 * (partial + _directional_ce_sum(views, all_anchors, temperature, rank * local_batch))
     partial = partial / (n_scales * local_batch * world)
     total = partial.detach().clone()
