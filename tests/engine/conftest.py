@@ -1,0 +1,40 @@
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+# A model small enough that a training step takes milliseconds: 32x32 images, 16 tokens per modality.
+TINY = [
+    "model.img_size=32", "model.patch_size=8", "model.embed_dim=16", "model.num_heads=2", "model.decoder_dim=16",
+    "model.decoder_heads=2", "model.decoder_depth=1", "model.encoder_depth=1", "model.proj_dim=8",
+    "model.mlp_ratio=2.0", "model.ops_backend=reference",
+]
+
+
+class SyntheticBEN(Dataset):
+    """BigEarthNet-shaped random samples (s1: 2 bands, s2: 12 bands), deterministic per index."""
+
+    def __init__(self, n=8, size=32, nan_at=None):
+        self.n, self.size, self.nan_at = n, size, nan_at
+        self.ids = [f"synthetic_{i:03d}" for i in range(n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(1000 + i)
+        s1 = torch.randn(2, self.size, self.size, generator=g)
+        s2 = torch.randn(12, self.size, self.size, generator=g)
+        if self.nan_at is not None and i == self.nan_at:
+            s2[0, 0, 0] = float("nan")
+        label = (torch.rand(19, generator=g) < 0.3).float()
+        return {"s1": s1, "s2": s2, "label": label, "id": self.ids[i]}
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)
+
+
+@pytest.fixture
+def synthetic():
+    return SyntheticBEN
