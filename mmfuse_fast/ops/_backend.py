@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -10,13 +10,12 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (not per call, and not behind a cache wrapper that torch.compile would trace through).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
