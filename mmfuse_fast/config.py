@@ -87,10 +87,19 @@ class DataConfig:
     drop_snow_cloud: bool = False
     on_error: str = "raise"  # raise | skip
     num_workers: int = 0
+    # --- sen12ms / seg_tiles / packed (mmfuse_fast/data/{sen12ms,seg_tiles,pack}.py)
+    modality_dirs: dict[str, str] = field(default_factory=dict)  # seg_tiles: modality -> folder (default: all)
+    label_dir: str = "labels"  # seg_tiles: folder of the label tiles
+    num_classes: int = 0  # seg_tiles: 0 = largest label found + 1
+    ignore_index: int = 255  # seg_tiles: label value left out of the loss and the metrics
+    reduce_zero_label: bool = False  # seg_tiles: label 0 is background (ignored), the others shift down by one
+    stats_files: dict[str, str] = field(default_factory=dict)  # modality -> CSV of per-band mean, std
+    seasons: list[str] = field(default_factory=list)  # sen12ms: subset of spring, summer, fall, winter
 
     def __post_init__(self):
         _one_of(self.on_error, ("raise", "skip"), "data.on_error")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.num_classes >= 0, "data.num_classes", "must be >= 0 (0: from the labels)")
 
 
 @dataclass
@@ -111,12 +120,25 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # --- throughput engine (mmfuse_fast/engine/step.py); used by pretraining
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 (dynamic loss scaling) | off
+    cuda_graph: bool = True  # capture the whole step as one CUDA graph where possible (CUDA only)
+    compile: bool = False  # torch.compile the model
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; batch_size is the global batch per step
+    max_bad_steps: int = 10  # consecutive non-finite steps (skipped) that stop the run
+    distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
     def __post_init__(self):
         _require(self.steps >= 0, "train.steps", "must be >= 0")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every",
                  "and train.checkpoint_every must be >= 1")
+        _one_of(self.amp, ("auto", "bf16", "fp16", "off"), "train.amp")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.batch_size % self.grad_accum_steps == 0, "train.batch_size",
+                 f"must be a multiple of train.grad_accum_steps={self.grad_accum_steps}; got {self.batch_size}")
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _one_of(self.distributed, ("ddp", "fsdp2"), "train.distributed")
 
 
 @dataclass
@@ -130,7 +152,10 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     pretrained: str = ""  # pretraining run directory or checkpoint; empty trains from scratch
-    task: str = "multilabel"
+    task: str = "multilabel"  # multilabel (BigEarthNet) | scene (single-label, SEN12MS) | segmentation
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone when `pretrained` is empty
+    seg_channels: int = 64  # segmentation: width of the FPN head
+    eval_stride: int = 0  # segmentation: sliding-window stride in px for rasters larger than img_size (0: half)
     mode: str = "linear"  # linear (frozen encoder) | full
     label_fraction: float = 1.0
     pooling: str = "mean"
@@ -141,8 +166,10 @@ class FinetuneConfig:
 
     def __post_init__(self):
         _one_of(self.mode, ("linear", "full"), "mode")
-        _one_of(self.task, ("multilabel",), "task")
-        _one_of(self.pooling, ("mean",), "pooling")
+        _one_of(self.task, ("multilabel", "scene", "segmentation"), "task")
+        _require(self.seg_channels >= 1 and self.eval_stride >= 0, "seg_channels",
+                 "must be >= 1 (and eval_stride >= 0)")
+        _one_of(self.pooling, ("mean", "concat"), "pooling")
         _require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
 
 

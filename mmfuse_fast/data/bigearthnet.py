@@ -360,6 +360,7 @@ class BigEarthNetV2(_BigEarthNetBase):
             raise FileNotFoundError(f"BigEarthNet v2 root not found: {self.root}")
         self.lmdb_path = find_lmdb_dir(self.root)
         self.splits = resolve_splits(split)
+        self._every_split = split is None  # also rows without a split (a pack of BigEarthNet v1 with split=None)
         self.drop_snow_cloud = bool(drop_snow_cloud)
         self.metadata = self._read_metadata()
         label_rows = self._labels_from_lists(list(self.metadata["patch_id"]), list(self.metadata["labels"]))
@@ -392,10 +393,11 @@ class BigEarthNetV2(_BigEarthNetBase):
             flags = [c for c in ("contains_seasonal_snow", "contains_cloud_or_shadow") if c in metadata.columns]
             for column in flags:
                 metadata = metadata[~metadata[column].astype(bool)]
-        unknown = sorted(set(metadata["split"]) - set(SPLITS))
+        unknown = sorted(set(metadata["split"].dropna()) - set(SPLITS))
         if unknown:
             raise BigEarthNetDataError(f"{metadata_path}: unknown split names {unknown}")
-        metadata = metadata[metadata["split"].isin(self.splits)]
+        if not self._every_split:
+            metadata = metadata[metadata["split"].isin(self.splits)]
         return metadata.reset_index(drop=True)
 
     def _transaction_env(self):

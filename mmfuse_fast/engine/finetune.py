@@ -1,10 +1,17 @@
-"""Downstream multi-label classification: a linear probe (frozen encoder) or full fine-tuning on a pretrained run.
+"""Downstream tasks on a pretrained run: multi-label classification (BigEarthNet), single-label scene
+classification (SEN12MS) and semantic segmentation (segmentation tiles), each as a linear probe (frozen encoder;
+for segmentation: frozen encoder, trained FPN head) or full fine-tuning.
+
+Losses: multilabel BCE-with-logits; scene cross-entropy; segmentation per-pixel cross-entropy with the dataset's
+ignore index. Segmentation tiles larger than the model's img_size are randomly cropped for training (evaluation
+uses sliding windows).
 
 A fine-tuning run directory holds::
 
     config.yaml           the resolved FinetuneConfig
     model.yaml            the backbone's ModelConfig (what evaluate needs to rebuild the classifier)
     label_subset.json     the training samples drawn for cfg.label_fraction (indices into the training set + ids)
+    task.json             task, num_classes, ignore_index, class names and the normalization statistics (by band)
     metrics.jsonl         training loss per log interval
     checkpoints/          classifier weights (backbone + head, safetensors) and training state
     metrics_<split>.json  evaluation metrics (written at the end for cfg.eval_split, and by `evaluate`)
@@ -33,12 +40,14 @@ from mmfuse_fast.engine.pretrain import CONFIG_NAME, restore_training_state, tra
 from mmfuse_fast.engine.runtime import prepare_run_dir, resolve_device, seed_everything, validate_config
 
 __all__ = ["finetune", "finetune_step", "FeatureCache", "build_classifier", "pretrained_model_config", "draw_label_subset",
-           "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME"]
+           "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "TASKS", "task_loss", "read_task_info"]
 
 MODEL_CONFIG_NAME = "model.yaml"
 LABEL_SUBSET_NAME = "label_subset.json"
+TASK_NAME = "task.json"
 NUM_CLASSES = 19
 MODES = ("linear", "full")
+TASKS = ("multilabel", "scene", "segmentation")
 
 
 def _find_run_dir(path: Path) -> Path | None:
@@ -68,17 +77,69 @@ def _read_model_config(path: Path) -> ModelConfig:
 
 
 def build_classifier(model_cfg: ModelConfig, mode: str = "linear", pooling: str = "mean",
-                     pretrained: str | Path | None = None) -> torch.nn.Module:
-    """MultiLabelClassifier over a backbone built from `model_cfg`, with pretrained backbone weights if given."""
+                     pretrained: str | Path | None = None, task: str = "multilabel", num_classes: int = NUM_CLASSES,
+                     seg_channels: int = 64) -> torch.nn.Module:
+    """The task's model over a backbone built from `model_cfg`, with pretrained backbone weights if given:
+    a pooled Linear head (multilabel, scene) or a SegmentationModel (segmentation)."""
     from mmfuse_fast.models import MultiLabelClassifier, build_model
+    from mmfuse_fast.models.segmentation import SegmentationModel
 
     if mode not in MODES:
         raise ValueError(f"config key 'mode' must be one of {MODES}, got {mode!r}")
+    if task not in TASKS:
+        raise ValueError(f"config key 'task' must be one of {TASKS}, got {task!r}")
     backbone = build_model(model_cfg)
     if pretrained:
         load_weights(backbone, pretrained)
-    return MultiLabelClassifier(backbone, num_classes=NUM_CLASSES, pooling=pooling,
+    if task == "segmentation":
+        return SegmentationModel(backbone, num_classes, channels=seg_channels, freeze_backbone=(mode == "linear"))
+    return MultiLabelClassifier(backbone, num_classes=num_classes, pooling=pooling,
                                 freeze_backbone=(mode == "linear"))
+
+
+def task_loss(task: str, ignore_index: int = 255) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if task == "multilabel":
+        return lambda logits, label: F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+    if task == "scene":
+        return lambda logits, label: F.cross_entropy(logits, label.long().reshape(-1))
+
+    def segmentation_loss(logits, label):  # mean over labelled pixels; 0 (not NaN) for an all-ignored batch
+        label = label.long()
+        total = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="sum")
+        return total / (label != ignore_index).sum().clamp_min(1)
+
+    return segmentation_loss
+
+
+def read_task_info(run_dir: str | Path) -> dict:
+    """task.json of a fine-tuning run; runs from before it existed are multilabel BigEarthNet runs."""
+    path = Path(run_dir) / TASK_NAME
+    if not path.is_file():
+        return {"task": "multilabel", "num_classes": NUM_CLASSES, "ignore_index": None, "classes": None,
+                "stats": None}
+    return json.loads(path.read_text())
+
+
+class RandomCrop(Dataset):
+    """Segmentation training samples cropped to size x size at a position drawn from (seed, index, draw)."""
+
+    def __init__(self, dataset: Dataset, size: int, seed: int):
+        self.dataset, self.size, self.seed, self.draws = dataset, size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[i]
+        h, w = sample["label"].shape[-2:]
+        if h < self.size or w < self.size:
+            raise ValueError(f"sample {sample.get('id', i)} is {h}x{w}, smaller than model.img_size={self.size}")
+        self.draws += 1
+        g = torch.Generator().manual_seed(hash((self.seed, i, self.draws)) % 2**62)
+        y = int(torch.randint(0, h - self.size + 1, (1,), generator=g))
+        x = int(torch.randint(0, w - self.size + 1, (1,), generator=g))
+        return {k: (v[..., y:y + self.size, x:x + self.size] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
+                for k, v in sample.items()}
 
 
 def _sample_ids(dataset: Dataset, indices: list[int]) -> list[str]:
@@ -122,11 +183,11 @@ def _label_subset(dataset: Dataset, cfg: FinetuneConfig, run_dir: Path, resuming
 
 
 def finetune_step(forward: Callable[[dict], torch.Tensor], batch: dict, optimizer: torch.optim.Optimizer,
-                  grad_clip: float) -> dict[str, torch.Tensor]:
-    """One step of BCE-with-logits training (`forward(batch) -> logits`); detached device scalars out, no host
-    sync."""
+                  grad_clip: float, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """One training step (`forward(batch) -> logits`, `loss_fn(logits, label)`, default BCE-with-logits);
+    detached device scalars out, no host sync."""
     logits = forward(batch)
-    loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
+    loss = (loss_fn or task_loss("multilabel"))(logits, batch["label"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -174,7 +235,7 @@ class FeatureCache(Dataset):
 
 def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dataset: Dataset | None = None,
              eval_dataset: Dataset | None = None, progress: bool = True) -> dict:
-    """Trains a multi-label classifier on `cfg.data.splits` (a `label_fraction` of it), then evaluates it on
+    """Trains the `cfg.task` model on `cfg.data.splits` (a `label_fraction` of it), then evaluates it on
     `cfg.eval_split` (skipped when empty). Returns run_dir, step, last training metrics, evaluation metrics."""
     from mmfuse_fast.data import build_dataset
 
@@ -184,12 +245,17 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     seed_everything(cfg.train.seed)
     t_start = time.perf_counter()
 
-    model_cfg = pretrained_model_config(cfg.pretrained) if cfg.pretrained else ModelConfig()
+    model_cfg = pretrained_model_config(cfg.pretrained) if cfg.pretrained else cfg.model
     pretrained = resolve_weights(cfg.pretrained) if cfg.pretrained and ckpt is None else None
-    model = build_classifier(model_cfg, cfg.mode, cfg.pooling, pretrained).to(device)
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.data.splits, bands=model_cfg.modalities)
+    task_info = _task_info(cfg, dataset)
+    model = build_classifier(model_cfg, cfg.mode, cfg.pooling, pretrained, cfg.task, task_info["num_classes"],
+                             cfg.seg_channels).to(device)
+    loss_fn = task_loss(cfg.task, task_info["ignore_index"] if task_info["ignore_index"] is not None else -100)
     train_set = Subset(dataset, _label_subset(dataset, cfg, run_dir, ckpt is not None))
+    if cfg.task == "segmentation":
+        train_set = RandomCrop(train_set, model_cfg.img_size, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device)
     cfg_hash = config_hash(cfg)
 
@@ -199,9 +265,10 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     truncate_metrics(run_dir, step)
     save_config(cfg, run_dir / CONFIG_NAME)
     atomic_write_text(run_dir / MODEL_CONFIG_NAME, yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
+    atomic_write_text(run_dir / TASK_NAME, json.dumps(task_info, indent=1) + "\n")
 
     steps, batch_size = cfg.train.steps, cfg.train.batch_size
-    if cfg.mode == "linear" and FeatureCache.fits(model, len(train_set)):
+    if cfg.task != "segmentation" and cfg.mode == "linear" and FeatureCache.fits(model, len(train_set)):
         train_set = FeatureCache(model, train_set, batch_size, device, cfg.data.num_workers, progress)
         forward, workers = (lambda b: model.head(b["features"])), 0
     else:
@@ -218,7 +285,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
             batch = to_device(next(batches), device)
             lr = lr_at(step, cfg.optim, steps)
             set_lr(optimizer, lr)
-            metrics = finetune_step(forward, batch, optimizer, cfg.optim.grad_clip)
+            metrics = finetune_step(forward, batch, optimizer, cfg.optim.grad_clip, loss_fn)
             step += 1
             logger.accumulate(step, metrics)
 
@@ -242,3 +309,26 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
 
         summary["eval"] = evaluate(run_dir, split=cfg.eval_split, dataset=eval_dataset, progress=progress)
     return summary
+
+
+def _task_info(cfg: FinetuneConfig, dataset: Dataset) -> dict:
+    """What evaluate/predict need besides the weights: classes, ignore index, normalization statistics."""
+    if cfg.task == "multilabel":
+        from mmfuse_fast.data import BIGEARTHNET_CLASSES
+
+        return {"task": "multilabel", "num_classes": NUM_CLASSES, "ignore_index": None,
+                "classes": list(BIGEARTHNET_CLASSES), "stats": None}
+    num_classes = getattr(dataset, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"task {cfg.task!r} needs a dataset with `num_classes` (got {type(dataset).__name__})")
+    dataset_task = getattr(dataset, "task", cfg.task)
+    if dataset_task != cfg.task:
+        raise ValueError(f"config key 'task' is {cfg.task!r} but dataset {cfg.data.dataset!r} is a "
+                         f"{dataset_task!r} dataset")
+    if getattr(dataset, "normalize", False) and hasattr(dataset, "_ensure_stats") and dataset._mean_std is None:
+        dataset._ensure_stats()
+    stats = getattr(dataset, "stats", None)
+    return {"task": cfg.task, "num_classes": int(num_classes),
+            "ignore_index": getattr(dataset, "ignore_index", 255 if cfg.task == "segmentation" else None),
+            "classes": list(getattr(dataset, "classes", [])) or None,
+            "stats": {m: {b: list(v) for b, v in s.items()} for m, s in stats.items()} if stats else None}

@@ -1,4 +1,4 @@
-"""Multi-label classification metrics, computed once over the whole evaluation set.
+"""Multi-label, scene (single-label) and segmentation metrics, computed once over the whole evaluation set.
 
 Definitions (BigEarthNet convention, SPEC §1 "Metric conventions"):
 
@@ -32,6 +32,11 @@ __all__ = [
     "f1_samples",
     "multilabel_metrics",
     "MultiLabelMetrics",
+    "scene_metrics",
+    "SceneMetrics",
+    "confusion_matrix",
+    "segmentation_metrics_from_confusion",
+    "SegmentationMetrics",
 ]
 
 
@@ -148,3 +153,127 @@ class MultiLabelMetrics:
         logits = torch.cat([t.float() for t in self._logits]).cpu()
         targets = torch.cat([t.float() for t in self._targets]).cpu()
         return multilabel_metrics(logits, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-label scene classification (SEN12MS)
+#
+# top-k accuracy: the true class is among the k highest logits (ties broken by torch.topk). Weighted precision /
+# recall / F1: per-class precision, recall and F1 of the arg-max prediction, averaged with weights = the class's
+# number of true samples (scikit-learn's average="weighted", zero_division=0: a class never predicted has
+# precision 0). Weighted recall equals top-1 accuracy.
+
+
+def scene_metrics(logits, targets, num_classes: int | None = None) -> dict:
+    """top1, top3, precision/recall/f1 (weighted), per-class counts, from (N, K) logits and (N,) int targets."""
+    logits = _as_tensor(logits)
+    targets = torch.as_tensor(targets).detach().cpu().long().reshape(-1)
+    if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected (N, K) logits and (N,) targets, got {tuple(logits.shape)}, "
+                         f"{tuple(targets.shape)}")
+    n, k = logits.shape
+    num_classes = num_classes or k
+    if n == 0:
+        raise ValueError("scene_metrics of an empty set")
+    pred = logits.argmax(1)
+    topk = logits.topk(min(3, k), dim=1).indices
+    cm = confusion_matrix(pred, targets, num_classes)
+    out = {"top1": float((pred == targets).double().mean()),
+           "top3": float((topk == targets[:, None]).any(1).double().mean())}
+    out.update(_prf_from_confusion(cm, average="weighted"))
+    out["n_samples"] = int(n)
+    return out
+
+
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = None) -> torch.Tensor:
+    """(K, K) int64 counts, rows = true class, columns = predicted; pixels/samples at `ignore_index` dropped.
+    Runs on the tensors' device (no host sync)."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    keep = (target >= 0) & (target < num_classes)
+    if ignore_index is not None:
+        keep &= target != ignore_index
+    index = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _prf_from_confusion(cm: torch.Tensor, average: str) -> dict:
+    cm = cm.double().cpu()
+    tp = cm.diag()
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-300), torch.zeros_like(tp))
+    if average == "weighted":
+        w = support / support.sum().clamp_min(1)
+        return {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
+                "f1": float((f1 * w).sum()), "f1_per_class": f1.tolist()}
+    raise ValueError(average)
+
+
+class SceneMetrics(MultiLabelMetrics):
+    """Accumulates (B, K) logits and (B,) class targets; `compute()` -> scene_metrics over the whole set."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self._logits.append(logits.detach())
+        self._targets.append(targets.detach().reshape(-1))
+
+    def compute(self) -> dict:
+        if not self._logits:
+            raise ValueError("SceneMetrics.compute() before any update()")
+        return scene_metrics(torch.cat([t.float() for t in self._logits]).cpu(),
+                             torch.cat(self._targets).cpu(), self.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Semantic segmentation
+#
+# One confusion matrix over every labelled pixel of the evaluation set (pixels at the ignore index left out).
+# IoU_c = TP / (TP + FP + FN); F1_c = 2 TP / (2 TP + FP + FN); a class with TP + FP + FN = 0 (absent from both
+# the labels and the predictions) has no IoU/F1 and is left out of the means (mmsegmentation's nanmean).
+# OA = trace / total.
+
+
+def segmentation_metrics_from_confusion(cm: torch.Tensor) -> dict:
+    cm = cm.double().cpu()
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    union = tp + fp + fn
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+    f1 = torch.where(present, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.full_like(tp, math.nan))
+    total = cm.sum()
+    return {"miou": float(iou[present].mean()) if present.any() else math.nan,
+            "oa": float(tp.sum() / total) if total > 0 else math.nan,
+            "mean_f1": float(f1[present].mean()) if present.any() else math.nan,
+            "iou_per_class": iou.tolist(), "f1_per_class": f1.tolist(), "n_pixels": int(total)}
+
+
+class SegmentationMetrics:
+    """Accumulates a (K, K) confusion matrix on the device from (B, K, H, W) logits or (B, H, W) predictions."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.cm: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.cm = None
+
+    @torch.no_grad()
+    def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred = logits_or_pred.argmax(1) if logits_or_pred.dim() == target.dim() + 1 else logits_or_pred
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.cm = cm if self.cm is None else self.cm + cm
+
+    def compute(self) -> dict:
+        if self.cm is None:
+            raise ValueError("SegmentationMetrics.compute() before any update()")
+        return segmentation_metrics_from_confusion(self.cm)

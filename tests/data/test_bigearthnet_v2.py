@@ -234,4 +234,4 @@ def test_build_dataset(ben_v2_root):
     ds = build_dataset(cfg, ["train", "validation"], {"s2": ["B02", "B03"]})
     assert isinstance(ds, BigEarthNetV2) and len(ds) == 16 and ds.bands == {"s2": ("B02", "B03")}
     with pytest.raises(ValueError, match="data.dataset"):
-        build_dataset(DataConfig(dataset="sen12ms", root=str(ben_v2_root)), ["train"], {"s1": list(S1_BANDS)})
+        build_dataset(DataConfig(dataset="globe230k", root=str(ben_v2_root)), ["train"], {"s1": list(S1_BANDS)})

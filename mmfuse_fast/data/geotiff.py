@@ -1,0 +1,373 @@
+"""Shared GeoTIFF reading and the base class of the raster datasets (SEN12MS, segmentation tiles, packed).
+
+Every reader here returns, per sample, `{modality: float32 (C, H, W), "label": ..., "id": str}` with bands addressed
+by name. Errors about a file (missing, corrupt, wrong CRS or size, labels out of range) raise `DataFileError`,
+whose message names the file. Nodata pixels of an image are NaN in the raw arrays; after normalization they are 0
+(the band mean); a pixel with nodata in every band of a modality gets the ignore index in the label.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .bigearthnet import BigEarthNetDataError
+
+__all__ = ["DataFileError", "RasterInfo", "read_raster", "raster_info", "resample", "check_same_grid",
+           "RasterDataset", "default_band_names", "read_stats_csv"]
+
+
+class DataFileError(BigEarthNetDataError):
+    """A data file is missing, corrupt or inconsistent with the others of its sample; the message names it."""
+
+
+@dataclass
+class RasterInfo:
+    path: str
+    crs: object
+    transform: object
+    nodata: float | None
+    height: int
+    width: int
+    count: int
+    dtype: str
+    descriptions: tuple
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        t = self.transform
+        x0, y0 = t.c, t.f
+        x1, y1 = t.c + t.a * self.width + t.b * self.height, t.f + t.d * self.width + t.e * self.height
+        return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _open(path: Path):
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    if not path.is_file():
+        raise DataFileError(f"file missing: {path}")
+    try:
+        return rasterio.open(path)
+    except RasterioError as error:
+        raise DataFileError(f"corrupt or unreadable GeoTIFF {path} ({error})") from None
+
+
+def _info(source, path: Path) -> RasterInfo:
+    return RasterInfo(str(path), source.crs, source.transform, source.nodata, source.height, source.width,
+                      source.count, source.dtypes[0], tuple(source.descriptions))
+
+
+def raster_info(path: str | os.PathLike) -> RasterInfo:
+    path = Path(path)
+    with _open(path) as source:
+        return _info(source, path)
+
+
+def read_raster(path: str | os.PathLike, indexes: Sequence[int] | None = None) -> tuple[np.ndarray, RasterInfo]:
+    """(array (C, H, W) in the file's dtype, info). `indexes`: 1-based band numbers (default: all)."""
+    from rasterio.errors import RasterioError
+
+    path = Path(path)
+    with _open(path) as source:
+        info = _info(source, path)
+        if indexes is not None:
+            bad = [i for i in indexes if not 1 <= i <= source.count]
+            if bad:
+                raise DataFileError(f"{path}: has {source.count} bands, band numbers {bad} requested")
+        try:
+            array = source.read(list(indexes) if indexes is not None else None)
+        except RasterioError as error:
+            raise DataFileError(f"corrupt or unreadable GeoTIFF {path} ({error})") from None
+    return array, info
+
+
+def default_band_names(info: RasterInfo) -> tuple[str, ...]:
+    """The file's band descriptions when every band has a distinct one, else B1..Bn."""
+    names = tuple(info.descriptions)
+    if all(names) and len(set(names)) == len(names):
+        return names
+    return tuple(f"B{i + 1}" for i in range(info.count))
+
+
+def check_same_grid(info: RasterInfo, reference: RasterInfo, allow_resample: bool) -> None:
+    """Same CRS; same size (or, with `allow_resample`, the same footprint at another resolution)."""
+    if info.crs != reference.crs:
+        raise DataFileError(f"{info.path}: CRS {info.crs} differs from {reference.crs} of {reference.path}")
+    if info.shape == reference.shape and not allow_resample:
+        return
+    if not allow_resample and info.shape != reference.shape:
+        raise DataFileError(f"{info.path}: size {info.shape} differs from {reference.shape} of {reference.path}")
+    if reference.transform is None or info.transform is None:
+        return
+    tol = max(abs(reference.transform.a), abs(info.transform.a), 1e-9) * 0.5 + 1e-6
+    if any(abs(a - b) > tol for a, b in zip(info.bounds, reference.bounds)):
+        raise DataFileError(f"{info.path}: footprint {tuple(round(v, 3) for v in info.bounds)} differs from "
+                            f"{tuple(round(v, 3) for v in reference.bounds)} of {reference.path} (size "
+                            f"{info.shape} vs {reference.shape})")
+
+
+def resample(array: np.ndarray, shape: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """(C, H, W) -> (C, *shape). bilinear (align_corners=False, NaN-aware: a NaN spreads to its neighbours) or
+    nearest."""
+    if tuple(array.shape[1:]) == tuple(shape):
+        return array
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if mode == "nearest":
+        return F.interpolate(x, size=shape, mode="nearest")[0].numpy()
+    return F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=False)[0].numpy()
+
+
+def read_stats_csv(path: str | os.PathLike, band_names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Per-band (mean, std) from a CSV with `mean` and `std` columns and a band column (name or 1-based number)."""
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    cols = {c.lower(): c for c in table.columns}
+    if "mean" not in cols or "std" not in cols:
+        raise DataFileError(f"{path}: needs 'mean' and 'std' columns, has {list(table.columns)}")
+    band_col = next((cols[c] for c in ("band", "band_name", "band_number", "name") if c in cols), None)
+    out = {}
+    for row_index, row in table.iterrows():
+        key = row[band_col] if band_col is not None else row_index + 1
+        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
+            key = band_names[int(key) - 1]
+        out[str(key)] = (float(row[cols["mean"]]), float(row[cols["std"]]))
+    return out
+
+
+class RasterDataset(Dataset):
+    """Base of the GeoTIFF/packed readers: band selection by name, normalization, nodata, skip-on-error.
+
+    Subclasses set `ids`, `split_of`, `modalities`, `available_bands` ({m: all band names in file order}),
+    `task` ("scene" | "segmentation"), `num_classes`, `classes`, `ignore_index`, and implement
+    `read_raw(index) -> {m: float32 (C, H, W) with NaN at nodata, "label": int64 () or (H, W)}` for the selected
+    bands `self.bands`. `stats`: {m: {band: (mean, std)}}; bands without statistics get them computed from up to
+    `STATS_SAMPLES` samples spread over the dataset (`compute_stats`).
+    """
+
+    STATS_SAMPLES = 32
+    task = "scene"
+
+    def _setup(self, modalities, bands, normalize, stats, on_error):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(modalities, str):
+            modalities = (modalities,)
+        modalities = tuple(modalities)
+        for m in modalities:
+            if m not in self.available_bands:
+                raise ValueError(f"unknown modality {m!r}; this dataset has {sorted(self.available_bands)}")
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be a non-empty list of distinct names; got {list(modalities)}")
+        self.modalities = modalities
+        self.bands = {}
+        for m in modalities:
+            names = tuple((bands or {}).get(m, self.available_bands[m]))
+            unknown = [b for b in names if b not in self.available_bands[m]]
+            if unknown or not names or len(set(names)) != len(names):
+                raise ValueError(f"bad band selection for modality {m!r}: {list(names)}; known bands: "
+                                 f"{list(self.available_bands[m])}")
+            self.bands[m] = names
+        extra = sorted(set(bands or {}) - set(modalities))
+        if extra:
+            raise ValueError(f"bands given for modalities {extra}, which are not among {list(modalities)}")
+        self.normalize = bool(normalize)
+        self.on_error = on_error
+        self.skipped = 0
+        self._bad_indices: set[int] = set()
+        self.stats = {m: dict((stats or {}).get(m, {})) for m in modalities}
+        self._mean_std = None
+
+    # -- normalization -------------------------------------------------------------------------------------------
+
+    def _ensure_stats(self) -> None:
+        missing = {m: [b for b in self.bands[m] if b not in self.stats[m]] for m in self.modalities}
+        if any(missing.values()):
+            computed = self.compute_stats()
+            for m, names in missing.items():
+                for b in names:
+                    self.stats[m][b] = computed[m][b]
+        self._mean_std = {}
+        for m in self.modalities:
+            mean = np.array([self.stats[m][b][0] for b in self.bands[m]], np.float32).reshape(-1, 1, 1)
+            std = np.array([self.stats[m][b][1] for b in self.bands[m]], np.float32).reshape(-1, 1, 1)
+            std = np.where(std > 0, std, 1.0).astype(np.float32)
+            self._mean_std[m] = (mean, std)
+
+    def compute_stats(self, max_samples: int | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+        """Per-band (mean, std) over the valid (non-nodata) pixels of up to `max_samples` evenly spread samples."""
+        n = len(self)
+        if n == 0:
+            raise ValueError("cannot compute band statistics of an empty dataset")
+        k = min(n, max_samples or self.STATS_SAMPLES)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, k)})
+        sums = {m: np.zeros((len(self.bands[m]), 3)) for m in self.modalities}
+        for i in picks:
+            raw = self.read_raw(i)
+            for m in self.modalities:
+                x = raw[m].reshape(len(self.bands[m]), -1).astype(np.float64)
+                valid = np.isfinite(x)
+                xv = np.where(valid, x, 0.0)
+                sums[m][:, 0] += valid.sum(1)
+                sums[m][:, 1] += xv.sum(1)
+                sums[m][:, 2] += (xv * xv).sum(1)
+        out = {}
+        for m in self.modalities:
+            cnt = np.maximum(sums[m][:, 0], 1)
+            mean = sums[m][:, 1] / cnt
+            std = np.sqrt(np.maximum(sums[m][:, 2] / cnt - mean * mean, 0))
+            out[m] = {b: (float(mu), float(sd)) for b, mu, sd in zip(self.bands[m], mean, std)}
+        return out
+
+    # -- samples ---------------------------------------------------------------------------------------------------
+
+    def read_raw(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        index %= len(self)
+        if self.on_error == "raise":
+            return self._load(index)
+        for step in range(len(self)):
+            candidate = (index + step) % len(self)
+            if candidate in self._bad_indices:
+                continue
+            try:
+                return self._load(candidate)
+            except BigEarthNetDataError as error:
+                self._bad_indices.add(candidate)
+                self.skipped += 1
+                warnings.warn(f"skipping bad sample {candidate} ({self.ids[candidate]}): {error}", stacklevel=2)
+        raise DataFileError(f"every one of the {len(self)} samples is bad (on_error='skip')")
+
+    def _load(self, index: int) -> dict:
+        raw = self.read_raw(index)
+        return self.finish(raw, self.ids[index])
+
+    def finish(self, raw: dict, sample_id: str) -> dict:
+        """Raw arrays -> the sample: float32 tensors, normalized (NaN/nodata -> 0), label as int64."""
+        if self.normalize and self._mean_std is None:
+            self._ensure_stats()
+        sample = {}
+        for m in self.modalities:
+            x = np.asarray(raw[m], dtype=np.float32)
+            if self.normalize:
+                mean, std = self._mean_std[m]
+                x = (x - mean) / std
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if self.normalize else x
+            sample[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        sample["label"] = torch.as_tensor(np.asarray(raw["label"]), dtype=torch.int64)
+        sample["id"] = sample_id
+        return sample
+
+    def check_labels(self, label: np.ndarray, path) -> np.ndarray:
+        """Label values must be integers in [0, num_classes) or the ignore index; else an error naming `path`."""
+        if label.dtype.kind == "f":
+            finite = np.isfinite(label)
+            if not finite.all() or not np.all(label[finite] == np.round(label[finite])):
+                raise DataFileError(f"{path}: label values must be integers (found non-integer or NaN values)")
+        label = label.astype(np.int64)
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_classes))
+        if bad.any():
+            values = sorted(set(np.unique(label[bad]).tolist()))[:8]
+            raise DataFileError(f"{path}: label values {values} out of range [0, {self.num_classes}) "
+                                f"(ignore index {self.ignore_index})")
+        return label
+
+
+def nan_nodata(array: np.ndarray, nodata: float | None) -> np.ndarray:
+    """float32 copy with NaN at the file's nodata value."""
+    out = array.astype(np.float32, copy=True)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        out[array == nodata] = np.nan
+    return out
+
+
+def split_entry_stem(cell: str) -> str:
+    return Path(cell.strip()).name.rsplit(".", 1)[0] if cell.strip().lower().endswith((".tif", ".tiff")) \
+        else Path(cell.strip()).name
+
+
+def read_split_list(path: Path) -> list[str]:
+    """Names in a split list (txt or csv; first column; an optional header is skipped), as file stems."""
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    if rows and rows[0][0].strip().lower() in {"image", "name", "id", "file", "filename", "tile", "patch",
+                                                "patch_id", "sample", "s2"}:
+        rows = rows[1:]
+    return [split_entry_stem(row[0]) for row in rows]
+
+
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_FILE_NAMES = {"train": ("train_files.csv", "train.csv", "train.txt"),
+                    "validation": ("validation_files.csv", "val_files.csv", "validation.csv", "val.csv",
+                                   "validation.txt", "val.txt"),
+                    "test": ("test_files.csv", "test.csv", "test.txt")}
+
+
+def resolve_split_files(root: Path, split_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
+    found = {}
+    for name, path in (split_files or {}).items():
+        if name not in SPLIT_ALIASES:
+            raise ValueError(f"unknown split {name!r} in split_files; valid: train, validation (val), test")
+        found[SPLIT_ALIASES[name]] = Path(path)
+    for name, candidates in SPLIT_FILE_NAMES.items():
+        if name not in found:
+            for candidate in candidates:
+                if (root / candidate).is_file():
+                    found[name] = root / candidate
+                    break
+    return found
+
+
+def select_split(ids: Sequence[str], root: Path, split, split_files, key=None) -> tuple[list[str], dict[str, str | None]]:
+    """(selected ids, id -> split name or None). split None: every id; else the ids its split lists name."""
+    files = resolve_split_files(root, split_files)
+    split_of: dict[str, str | None] = {}
+    for name, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"split list for {name!r} not found: {path}")
+        for stem in read_split_list(path):
+            split_of.setdefault(key(stem) if key else stem, name)
+    known = set(ids)
+    if split is None:
+        return list(ids), {i: split_of.get(i) for i in ids}
+    names = [split] if isinstance(split, str) else list(split)
+    selected = []
+    for name in names:
+        if name not in SPLIT_ALIASES:
+            raise ValueError(f"unknown split {name!r}; valid splits: train, validation (or val), test")
+        name = SPLIT_ALIASES[name]
+        if name not in files:
+            raise FileNotFoundError(f"no split list for split {name!r} in {root} (looked for "
+                                    f"{list(SPLIT_FILE_NAMES[name])}); pass split_files={{{name!r}: path}}")
+        for stem in read_split_list(files[name]):
+            stem = key(stem) if key else stem
+            if stem not in known:
+                raise DataFileError(f"sample {stem} (listed in {files[name]}) has no files under {root}")
+            if stem not in selected:
+                selected.append(stem)
+    return selected, {i: split_of.get(i) for i in selected}

@@ -1,0 +1,167 @@
+"""`mmfuse predict`: a fine-tuned segmentation model over GeoTIFF inputs -> a GeoTIFF class map + a PNG preview.
+
+Inputs are addressed by modality ({"s2": "a.tif", "s1": "b.tif"}; a single unnamed input goes to a one-modality
+model). Bands are picked by name from the file's band descriptions when they name every band the model needs,
+else the file must have exactly the model's band count, in the model's order. The first input defines the output
+grid; the others must have the same CRS and footprint and are resampled (bilinear) onto it when their size differs.
+Values are normalized with the statistics saved by the fine-tuning run (task.json), rasters of any size are
+covered by overlapping sliding windows (logits averaged), and pixels that are nodata in every band of any input are
+written as nodata. The class map keeps the input's CRS, transform and nodata value (dtype uint8 when the classes and
+the nodata value fit, else int16/int32).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfuse_fast.data.geotiff import DataFileError, check_same_grid, default_band_names, nan_nodata, read_raster, resample
+
+__all__ = ["predict", "parse_inputs", "PALETTE", "write_png"]
+
+# tab20-like distinct colours; class k uses PALETTE[k % len(PALETTE)], nodata is black
+PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+    (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138),
+    (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141),
+    (158, 218, 229)], dtype=np.uint8)
+
+
+def parse_inputs(items: Sequence[str]) -> dict[str, str] | list[str]:
+    """["s2=a.tif", "s1=b.tif"] -> {"s2": "a.tif", "s1": "b.tif"}; ["a.tif"] -> ["a.tif"]."""
+    named = [i for i in items if "=" in i and not Path(i).exists()]
+    if named and len(named) != len(items):
+        raise ValueError("--input: name every input (MODALITY=PATH) or none")
+    if not named:
+        return list(items)
+    out = {}
+    for item in items:
+        m, path = item.split("=", 1)
+        if m in out:
+            raise ValueError(f"--input: modality {m!r} given twice")
+        out[m] = path
+    return out
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """(H, W, 3) uint8 -> an 8-bit RGB PNG (no dependency beyond zlib)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(png)
+
+
+def _band_indexes(info, names: Sequence[str], modality: str) -> list[int]:
+    file_names = default_band_names(info)
+    if all(n in file_names for n in names):
+        return [file_names.index(n) + 1 for n in names]
+    if info.count == len(names):
+        return list(range(1, len(names) + 1))
+    raise DataFileError(f"{info.path}: the model's {modality!r} input needs {len(names)} bands {list(names)[:4]}...; "
+                        f"the file has {info.count} bands and its band descriptions do not name them all")
+
+
+def _output_dtype(num_classes: int, nodata) -> str:
+    if nodata is None:
+        return "uint8" if num_classes <= 256 else "int32"
+    if float(nodata).is_integer():
+        if 0 <= nodata <= 255 and num_classes <= 255 and not (0 <= nodata < num_classes):
+            return "uint8"
+        if -32768 <= nodata <= 32767 and num_classes <= 32767 and not (0 <= nodata < num_classes):
+            return "int16"
+        if not (0 <= nodata < num_classes):
+            return "int32"
+    return "float32"
+
+
+@torch.no_grad()
+def predict(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
+            out_dir: str | os.PathLike, stride: int | None = None, batch_size: int = 16,
+            device: str | torch.device = "cpu", name: str | None = None) -> dict:
+    """Runs the fine-tuned segmentation model of `run_dir` over the inputs; writes `<name>_classes.tif` and
+    `<name>_preview.png` into `out_dir` (name: the first input's file stem). Returns their paths and counts."""
+    import rasterio
+
+    from mmfuse_fast.engine.evaluate import load_classifier
+    from mmfuse_fast.engine.finetune import read_task_info
+    from mmfuse_fast.models.segmentation import sliding_window_logits
+
+    model, run_dir, cfg = load_classifier(run_dir, device)
+    info = read_task_info(run_dir)
+    if info["task"] != "segmentation":
+        raise ValueError(f"{run_dir} is a {info['task']!r} run; predict writes class maps of segmentation runs")
+    modalities = model.modalities
+    if not isinstance(inputs, Mapping):
+        inputs = list(inputs)
+        if len(inputs) != len(modalities):
+            raise ValueError(f"the model takes modalities {list(modalities)}: pass one input per modality, named "
+                             f"MODALITY=PATH")
+        if len(inputs) > 1:
+            raise ValueError(f"the model takes several modalities {list(modalities)}: name the inputs "
+                             f"(MODALITY=PATH)")
+        inputs = {modalities[0]: inputs[0]}
+    missing = [m for m in modalities if m not in inputs]
+    extra = [m for m in inputs if m not in modalities]
+    if missing or extra:
+        raise ValueError(f"the model takes modalities {list(modalities)}; got inputs for {list(inputs)}")
+    for path in inputs.values():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input GeoTIFF not found: {path}")
+    stats = info.get("stats") or {}
+    first = next(iter(inputs))
+    ref = None
+    images, invalid = {}, None
+    for m, path in inputs.items():
+        from mmfuse_fast.data.geotiff import raster_info
+
+        meta = raster_info(path)
+        names = model.backbone.bands[m]
+        array, meta = read_raster(path, _band_indexes(meta, names, m))
+        if ref is None:
+            ref = meta
+        else:
+            check_same_grid(meta, ref, allow_resample=True)
+        x = resample(nan_nodata(array, meta.nodata), ref.shape, "bilinear")
+        void = ~np.isfinite(x).any(0)
+        invalid = void if invalid is None else invalid | void
+        if m in stats:
+            mean = np.array([stats[m][b][0] for b in names], np.float32).reshape(-1, 1, 1)
+            std = np.array([stats[m][b][1] for b in names], np.float32).reshape(-1, 1, 1)
+            x = (x - mean) / np.where(std > 0, std, 1).astype(np.float32)
+        images[m] = torch.from_numpy(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))[None]
+    images = {m: images[m].to(device) for m in modalities}
+    logits = sliding_window_logits(model, images, model.img_size, info["num_classes"], stride or cfg.eval_stride or None,
+                                   batch_size)
+    classes = logits[0].argmax(0).cpu().numpy()
+    dtype = _output_dtype(info["num_classes"], ref.nodata)
+    out = classes.astype(dtype)
+    if ref.nodata is not None:
+        out[invalid] = ref.nodata
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name or Path(inputs[first]).stem
+    tif_path, png_path = out_dir / f"{stem}_classes.tif", out_dir / f"{stem}_preview.png"
+    tmp = tif_path.with_name(tif_path.name + ".tmp")
+    with rasterio.open(tmp, "w", driver="GTiff", height=out.shape[0], width=out.shape[1], count=1, dtype=dtype,
+                       crs=ref.crs, transform=ref.transform, nodata=ref.nodata, compress="deflate") as dst:
+        dst.write(out, 1)
+        dst.set_band_description(1, "class")
+    os.replace(tmp, tif_path)
+    rgb = PALETTE[classes % len(PALETTE)]
+    rgb[invalid] = 0
+    write_png(png_path, rgb)
+    counts = np.bincount(classes[~invalid].ravel(), minlength=info["num_classes"]).tolist()
+    return {"class_map": str(tif_path), "preview": str(png_path), "shape": list(out.shape), "dtype": dtype,
+            "nodata": ref.nodata, "nodata_pixels": int(invalid.sum()), "class_counts": counts,
+            "classes": info.get("classes")}
