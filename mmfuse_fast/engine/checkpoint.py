@@ -141,9 +141,12 @@ def _weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Writes the model's state_dict as safetensors, atomically."""
-    tensors = _weights_dict(model)
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Writes the model's state_dict (or the given full `state_dict`, e.g. gathered from FSDP2) as safetensors,
+    atomically."""
+    tensors = _weights_dict(model) if state_dict is None else {
+        k: v.detach().contiguous().cpu().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
 
 
@@ -241,6 +244,7 @@ def _python_state_from_plain(d):
 
 # Keys that may change between a run and its resumption without changing what is computed.
 _HASH_EXCLUDE = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "device"),
+                 ("train", "cuda_graph"), ("train", "compile"), ("train", "max_bad_steps"),
                  ("data", "num_workers"), ("data", "root"), ("eval_split",)}
 
 
@@ -283,13 +287,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
     metadata: dict[str, str] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes checkpoints/step_<step>/{model.safetensors, train_state.pt}, then points `latest` at it."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:06d}"
     ckpt = root / name
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_weights(model, ckpt / WEIGHTS_NAME, metadata={"step": str(step), **(metadata or {})})
+    save_weights(model, ckpt / WEIGHTS_NAME, metadata={"step": str(step), **(metadata or {})},
+                 state_dict=model_state)
     atomic_write(ckpt / STATE_NAME, lambda tmp: torch.save({"step": step, **state}, tmp))
     atomic_write_text(root / LATEST_NAME, name + "\n")
     _prune(root, keep, current=name)

@@ -79,6 +79,11 @@ class MetricLogger:
         self._steps_since += 1
         self.bar.update(1)
 
+    def tick(self, step: int) -> None:
+        """Counts a step whose metrics are accumulated elsewhere (the TrainStep's device accumulator)."""
+        self._steps_since += 1
+        self.bar.update(1)
+
     def check_finite(self) -> None:
         """Raises NonFiniteLossError naming the first step whose loss was not finite (one host sync)."""
         if self._bad_step is not None:

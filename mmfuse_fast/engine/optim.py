@@ -31,14 +31,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None,
+                    engine: bool = False) -> torch.optim.AdamW:
+    """AdamW over `param_groups`. `engine=True` (the TrainStep): fused on every device (it skips non-finite steps
+    through its `found_inf` input) and capturable on CUDA (its step counts live on the device: CUDA graphs)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     if len(cfg.betas) != 2:
         raise ValueError(f"config key 'optim.betas' must hold two numbers, got {cfg.betas}")
-    fused = device is not None and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    cuda = device is not None and device.type == "cuda"
+    if engine:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True, capturable=cuda)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=cuda or None)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

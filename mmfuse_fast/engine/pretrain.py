@@ -1,28 +1,39 @@
 """Self-supervised pretraining: the step loop, written to read like the recipe.
 
-    dataset -> seeded endless loader -> model -> AdamW -> for each step: lr, train_step, log, checkpoint
+    dataset -> rank's slice of the seeded stream -> model [FSDP2 | DDP] [compile] -> fused AdamW -> TrainStep
+    for each step: micro-batches -> step (eager or CUDA graph replay) -> every N steps: read metrics, log;
+    every M steps and on SIGTERM/SIGINT: checkpoint (atomic, rank 0)
 
-`train_step` holds everything that happens per step on the device (forward, backward, clipping, update) so a
-faster step (CUDA graphs, AMP, DDP) can replace it without touching the loop.
+`train_step` below is the plain eager fp32 reference step (the benchmark baseline). The loop runs
+`engine.step.TrainStep`: bf16 autocast on CUDA, the whole step captured as one CUDA graph, fused AdamW with the
+learning rate as a device tensor, non-finite steps skipped on the device, metrics read every `log_every` steps.
+
+Distributed (torchrun): see engine/distributed.py. `train.batch_size` is the global batch per optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from mmfuse_fast.config import PretrainConfig, save_config
+from mmfuse_fast.config import ConfigError, PretrainConfig, save_config
 from mmfuse_fast.engine.checkpoint import (CheckpointError, config_hash, load_checkpoint, rng_state,
                                            save_checkpoint, set_rng_state)
-from mmfuse_fast.engine.data import build_loader, to_device
+from mmfuse_fast.engine.distributed import (DistInfo, broadcast_flag, build_rank_loader, init_distributed,
+                                            shutdown_distributed, wrap_model)
 from mmfuse_fast.engine.logging import LoggingConfig, MetricLogger, truncate_metrics
-from mmfuse_fast.engine.optim import build_optimizer, lr_at, set_lr
+from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops
+from mmfuse_fast.engine.optim import build_optimizer, lr_at
 from mmfuse_fast.engine.runtime import prepare_run_dir, resolve_device, seed_everything, validate_config
+from mmfuse_fast.engine.step import TrainStep, nvtx_range, resolve_amp
 
-__all__ = ["pretrain", "train_step", "restore_training_state", "training_state"]
+__all__ = ["pretrain", "train_step", "restore_training_state", "training_state", "StopSignal"]
 
 CONFIG_NAME = "config.yaml"
 
@@ -57,77 +68,200 @@ def training_state(step: int, optimizer: torch.optim.Optimizer, samples_seen: in
 
 
 def restore_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg_hash: str,
-                           generators: dict[str, torch.Generator]) -> dict:
-    state = load_checkpoint(ckpt, model)
+                           generators: dict[str, torch.Generator], fsdp: bool = False) -> dict:
+    state = load_checkpoint(ckpt, None if fsdp else model)
     if state.get("config_hash") != cfg_hash:
         raise CheckpointError(
             f"cannot resume from {ckpt}: the config differs from the run's (hash {state.get('config_hash')} vs "
             f"{cfg_hash}); only train.steps, log/checkpoint intervals, device, data.root and data.num_workers may "
             f"change on resume"
         )
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp:  # full (gathered) state dicts, loaded into the sharded model and optimizer
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from mmfuse_fast.engine.checkpoint import resolve_weights
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, load_file(str(resolve_weights(ckpt))), options=opts)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"], generators)
     return state
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and stops. A second SIGINT
+    interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, dataset: Dataset | None = None,
              progress: bool = True) -> dict:
     """Pretrains `cfg.model` on `cfg.data.splits`; writes config.yaml, metrics.jsonl and checkpoints to `run_dir`.
 
-    `dataset` replaces the configured dataset (tests, experiment runners). Returns a summary: run_dir, step,
-    the last logged metrics, the final checkpoint path and the wall time."""
+    Under torchrun (WORLD_SIZE > 1) it runs data-parallel (DDP, or FSDP2 with train.distributed=fsdp2); rank 0
+    logs and checkpoints. `dataset` replaces the configured dataset (tests, experiment runners). Returns a summary:
+    run_dir, step, the last logged metrics, the final checkpoint path, the wall time, and `interrupted` (the
+    signal's name) / `exit_code` when SIGTERM or SIGINT stopped the run early."""
+    validate_config(cfg)
+    info, dist_device = init_distributed(cfg.train.device)
+    try:
+        return _pretrain(cfg, run_dir, resume, dataset, progress, info, dist_device)
+    finally:
+        shutdown_distributed(info)
+
+
+def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: bool, info: DistInfo,
+              dist_device) -> dict:
     from mmfuse_fast.data import build_dataset
     from mmfuse_fast.models import build_model
 
-    validate_config(cfg)
-    run_dir, ckpt = prepare_run_dir(run_dir, resume)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
     t_start = time.perf_counter()
+    tc = cfg.train
+    device = dist_device if dist_device is not None else resolve_device(tc.device)
+    steps, batch_size, accum, world = tc.steps, tc.batch_size, tc.grad_accum_steps, info.world
+    if batch_size % (world * accum):
+        raise ConfigError(f"config key 'train.batch_size' ({batch_size}, the global batch) must be a multiple of "
+                          f"world size x train.grad_accum_steps = {world} x {accum}")
+    micro_batch = batch_size // (world * accum)
+    run_dir, ckpt = prepare_run_dir(run_dir, resume)
+    seed_everything(tc.seed)
+    amp_dtype = resolve_amp(tc.amp, device)
 
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.data.splits, bands=cfg.model.modalities)
     model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed)  # masks and crops
+    flops_per_sample = model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
+    fsdp = info.enabled and tc.distributed == "fsdp2"
+    if fsdp:  # sharded before the optimizer sees the parameters
+        model = wrap_model(model, info, device, "fsdp2", amp_dtype)
+    optimizer = build_optimizer(model, cfg.optim, device, engine=True)
+    generator = torch.Generator(device).manual_seed(tc.seed)  # masks and crops (drawn for the global batch)
     generators = {"model": generator}
     cfg_hash = config_hash(cfg)
 
-    step = 0
+    step, engine_state = 0, {}
     if ckpt is not None:
-        step = restore_training_state(ckpt, model, optimizer, cfg_hash, generators)["step"]
-    truncate_metrics(run_dir, step)  # a resumed run re-logs what came after its checkpoint
-    save_config(cfg, run_dir / CONFIG_NAME)
+        state = restore_training_state(ckpt, model, optimizer, cfg_hash, generators, fsdp=fsdp)
+        step, engine_state = state["step"], state.get("engine", {})
+    if info.is_main:
+        truncate_metrics(run_dir, step)  # a resumed run re-logs what came after its checkpoint
+        save_config(cfg, run_dir / CONFIG_NAME)
 
-    steps, batch_size = cfg.train.steps, cfg.train.batch_size
-    loader = build_loader(dataset, batch_size, cfg.train.seed, start=step * batch_size,
-                          num_workers=cfg.data.num_workers, device=device)
+    net = model if fsdp else wrap_model(model, info, device, tc.distributed, amp_dtype)
+    no_sync = getattr(net, "no_sync", None) if (info.enabled and not fsdp and accum > 1) else None
+    if tc.compile:
+        net = torch.compile(net)
+    step_fn = TrainStep(net, optimizer, device=device, optim_cfg=cfg.optim, total_steps=steps,
+                        modalities=cfg.model.modalities, contrastive_weight=cfg.model.contrastive_weight,
+                        amp=tc.amp, grad_accum_steps=accum, max_bad_steps=tc.max_bad_steps,
+                        cuda_graph=tc.cuda_graph and not fsdp, world=world, generator=generator, start_step=step,
+                        no_sync=no_sync, graph_warmup=11 if info.enabled else 3)
+    step_fn.load_state_dict(engine_state)
+
+    loader = build_rank_loader(dataset, batch_size, micro_batch, tc.seed, info.rank, world, step,
+                               cfg.data.num_workers, device)
     batches = iter(loader)
     model.train()
-    last_ckpt = ckpt
-    logger = MetricLogger(run_dir, LoggingConfig(every=cfg.train.log_every, progress=progress), total_steps=steps,
-                          start_step=step, desc="pretrain", batch_size=batch_size)
-    with logger:
-        while step < steps:
-            batch = to_device(next(batches), device)
-            lr = lr_at(step, cfg.optim, steps)
-            set_lr(optimizer, lr)
-            metrics = train_step(model, batch, optimizer, cfg.optim.grad_clip, generator)
-            step += 1
-            logger.accumulate(step, metrics)
+    last_ckpt, interrupted = ckpt, None
+    meter = ThroughputMeter(device, batch_size, flops_per_sample, peak_tflops(device, amp_dtype))
+    logger = MetricLogger(run_dir, LoggingConfig(every=tc.log_every, progress=progress), total_steps=steps,
+                          start_step=step, desc="pretrain", batch_size=batch_size) if info.is_main else None
+    tb = TensorBoardWriter(run_dir, enabled=info.is_main)
+    stop = StopSignal()
+    stop.install()
+    group = info.group if info.enabled else None
 
-            if logger.should_log(step) or step == steps:
-                logger.log(step, {"lr": lr})
-            if step % cfg.train.checkpoint_every == 0 or step == steps:
-                logger.check_finite()  # never save non-finite weights
-                state = training_state(step, optimizer, step * batch_size, cfg_hash, generators)
-                last_ckpt = save_checkpoint(run_dir, step, model, state)
-        logger.check_finite()
+    def save(step: int) -> Path | None:
+        step_fn.check(group)  # never save after max_bad_steps non-finite steps
+        model_state = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
 
-    return {
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(model, options=opts)
+            optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            optim_state = optimizer.state_dict()
+        path = None
+        if info.is_main:
+            state = training_state(step, optimizer, step * batch_size, cfg_hash, generators)
+            state["optimizer"] = optim_state
+            state["engine"] = step_fn.state_dict()
+            path = save_checkpoint(run_dir, step, model, state, model_state=model_state)
+        if info.enabled:
+            import torch.distributed as dist
+
+            dist.barrier(group=info.cpu_group)
+        return path
+
+    try:
+        with logger if logger is not None else contextlib.nullcontext():
+            while step < steps:
+                meter.data_start()
+                with nvtx_range("data"):
+                    micro = [next(batches) for _ in range(accum)]
+                meter.data_end()
+                with nvtx_range("step"):
+                    step_fn(micro)
+                step += 1
+                meter.step_done()
+                if logger is not None:
+                    logger.tick(step)
+                log_now = step % tc.log_every == 0 or step == steps
+                ckpt_now = step % tc.checkpoint_every == 0 or step == steps
+                if log_now:
+                    record = step_fn.read_metrics(group)  # the loop's one host sync; raises after K bad steps
+                    record["lr"] = lr_at(step - 1, cfg.optim, steps)
+                    record.update(meter.interval())
+                    if logger is not None:
+                        logger.log(step, record)
+                        tb.write(step, logger.last)
+                if not info.enabled or log_now or ckpt_now:  # ranks agree on when to stop
+                    if broadcast_flag(stop.signum is not None, info):
+                        interrupted = signal.Signals(stop.signum).name if stop.signum else "SIGTERM"
+                if ckpt_now or interrupted:
+                    last_ckpt = save(step) or last_ckpt
+                if interrupted:
+                    break
+            step_fn.check(group)
+    finally:
+        stop.uninstall()
+        tb.close()
+
+    out = {
         "run_dir": str(run_dir),
         "step": step,
-        "metrics": logger.last,
+        "metrics": logger.last if logger is not None else {},
         "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
         "wall_s": round(time.perf_counter() - t_start, 3),
+        "rank": info.rank,
+        "world_size": world,
     }
+    if interrupted:
+        out["interrupted"] = interrupted
+        out["exit_code"] = 128 + int(getattr(signal, interrupted))
+    return out

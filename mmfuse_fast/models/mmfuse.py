@@ -28,9 +28,15 @@ from mmfuse_fast.models.layers import (Block, CrossBlock, ModalityTokenizer, ini
 from mmfuse_fast.models.registry import register_model
 
 
-def random_masking(n_tokens: int, n_keep: int, batch: int, device, generator=None):
-    """MAE masking with a static kept count: (ids_keep (B, n), mask (B, N) 1 = masked, ids_restore (B, N))."""
-    noise = torch.rand(batch, n_tokens, device=device, generator=generator)
+def random_masking(n_tokens: int, n_keep: int, batch: int, device, generator=None, shard: tuple[int, int] = (0, 1)):
+    """MAE masking with a static kept count: (ids_keep (B, n), mask (B, N) 1 = masked, ids_restore (B, N)).
+
+    `shard` = (rank, world): the noise is drawn for the global batch of world * B rows and this rank's rows are
+    kept, so a data-parallel run masks exactly as one process on the global batch would."""
+    rank, world = shard
+    noise = torch.rand(batch * world, n_tokens, device=device, generator=generator)
+    if world > 1:
+        noise = noise[rank * batch:(rank + 1) * batch]
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first n_keep are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(batch, n_tokens, device=device)
@@ -125,12 +131,30 @@ class MMFuseMAE(nn.Module):
         n_mod = len(self.modalities)
         self.register_buffer("caf_allow", ~torch.eye(n_mod, dtype=torch.bool), persistent=False)
 
+        # Data parallelism (set by the engine): the process group of the global batch. Contrastive negatives come
+        # from it, and masks and crop boxes are drawn for the global batch and sliced to this rank's rows, so the
+        # run computes the same thing whatever the world size. Not part of the state_dict.
+        self.contrastive_group = None
+
         init_weights(self)  # Linear/LayerNorm as MAE; the tokenizers initialize their own conv
         for p in [dec.mask_token for dec in self.decoders.values()]:
             nn.init.normal_(p, std=0.02)
         if cfg.cmf:
             for p in self.cmf_modality_embed.values():
                 nn.init.normal_(p, std=0.02)
+
+    @property
+    def contrastive_group(self):
+        return self._contrastive_group
+
+    @contrastive_group.setter
+    def contrastive_group(self, group) -> None:
+        self._contrastive_group = group
+        self._shard = (0, 1)
+        if group is not None:
+            import torch.distributed as dist
+
+            self._shard = (dist.get_rank(group), dist.get_world_size(group))
 
     def set_backend(self, backend: str) -> None:
         """Switches every attention to `backend` ("auto" | "triton" | "reference"); weights are unchanged."""
@@ -192,7 +216,7 @@ class MMFuseMAE(nn.Module):
         shared = None
         for m, x in tokens.items():
             if shared is None or not self.cfg.consistent_mask:
-                shared = random_masking(self.num_patches, self.n_keep, b, device, generator)
+                shared = random_masking(self.num_patches, self.n_keep, b, device, generator, self._shard)
             ids_keep, masks[m], restores[m] = shared
             visible[m] = gather_tokens(x, ids_keep)  # (B, n, D)
         return visible, masks, restores
@@ -233,8 +257,11 @@ class MMFuseMAE(nn.Module):
         """Cross-scale InfoNCE between the (masked) full view and a masked random crop of the same scene."""
         any_x = next(iter(imgs.values()))
         b, _, h, w = any_x.shape
-        boxes = ops.random_boxes(b, h, w, scale=tuple(self.cfg.crop_scale), generator=generator,
+        rank, world = self._shard  # boxes drawn for the global batch, this rank's rows kept
+        boxes = ops.random_boxes(b * world, h, w, scale=tuple(self.cfg.crop_scale), generator=generator,
                                  device=any_x.device)  # (B, 4): one box per scene, shared by its modalities
+        if world > 1:
+            boxes = boxes[rank * b:(rank + 1) * b]
         crops = {m: ops.crop_resize(x, boxes, (h, w)) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
         crop_visible, _, _ = self.mask(self.tokenize(crops), generator)
         crop_latent = self.encode_tokens(crop_visible)
@@ -243,7 +270,7 @@ class MMFuseMAE(nn.Module):
             return torch.stack([F.normalize(self.proj_heads[m](t.mean(1)).float(), dim=-1) for m, t in feats.items()])
 
         return ops.multiscale_infonce(embed(latent), embed(crop_latent), temperature=self.cfg.temperature,
-                                      backend=self.cfg.ops_backend)
+                                      group=self.contrastive_group, backend=self.cfg.ops_backend)
 
     # ----------------------------------------------------------------------------------------------------------
     # Public entry points

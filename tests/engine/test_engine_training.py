@@ -90,7 +90,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_overrides, synthetic, m
 
 def test_non_finite_loss_names_the_step(tmp_path, tiny_overrides, synthetic):
     cfg = _cfg(tiny_overrides, "train.steps=4", "train.batch_size=1", "train.log_every=4",
-               "train.checkpoint_every=4", "data.splits=[train]")
+               "train.checkpoint_every=4", "data.splits=[train]", "train.max_bad_steps=1")
     data = synthetic(n=4, nan_at=0)
     # sample order is epoch_order(4, seed 0, epoch 0); the NaN sample comes at this step
     bad_step = list(epoch_order(4, 0, 0)).index(0) + 1

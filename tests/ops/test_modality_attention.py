@@ -5,6 +5,7 @@ fp32 and fp16, tiny shapes. bf16, the model path, CUDA graphs and timings are GP
 """
 
 import os
+import zlib
 
 import torch
 
@@ -110,7 +111,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype,d,qs,ks,pattern,use_q,use_kv", CASES)
 def test_matches_reference(dtype, d, qs, ks, pattern, use_q, use_kv):
-    gen = torch.Generator().manual_seed(hash((dtype, d, tuple(qs), tuple(ks))) % 2**31)
+    # zlib.crc32, not hash(): str hashes change per process, which made the inputs (and the test) irreproducible
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, d, qs, ks)).encode()))
     dt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     batch, heads = 2, 2
     q, k, v, do = _inputs(batch, heads, qs, ks, d, dt, gen)

@@ -1,0 +1,149 @@
+"""Training-step throughput: the eager fp32 reference step vs the engine's step.
+
+    python benchmarks/bench_train_step.py                                  # CPU quick run: tiny
+    python benchmarks/bench_train_step.py --configs tiny small base        # on a GPU (adds --compile rows there)
+
+Rows per config:
+  reference      `engine.pretrain.train_step`: model with ops_backend=reference, fp32, foreach AdamW, eager
+  engine         `engine.step.TrainStep`: fast ops (ops_backend=auto), AMP (bf16 on CUDA, fp32 on the CPU),
+                 fused AdamW, the whole step as a CUDA graph on CUDA (eager on the CPU), batch from pinned memory
+  engine+compile the same with torch.compile(model) (default on CUDA; on the CPU only with --compile)
+
+Samples/s = batch / median step time. TFLOP/s and MFU from the analytic `model.flops_per_sample()` (forward +
+backward) and the device's dense bf16 (or fp32) peak (engine/observe.py; MFU is null on the CPU). Rows are appended
+to benchmarks/results/train_step.csv; the last line is a JSON object with `speedup_vs_reference` (engine /
+reference samples/s for `tiny`) and the per-config figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _util import append_rows, device_name, measure, result_row  # noqa: E402
+
+from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
+from mmfuse_fast.engine.observe import peak_tflops  # noqa: E402
+from mmfuse_fast.engine.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from mmfuse_fast.engine.pretrain import train_step  # noqa: E402
+from mmfuse_fast.engine.step import TrainStep, resolve_amp  # noqa: E402
+from mmfuse_fast.models import build_model  # noqa: E402
+
+
+def synthetic_batch(cfg, batch: int, pin: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    out = {m: torch.randn(batch, len(bands), cfg.model.img_size, cfg.model.img_size, generator=g)
+           for m, bands in cfg.model.modalities.items()}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+
+def bench_reference(cfg, batch_cpu, device, warmup, reps):
+    cfg.model.ops_backend = "reference"
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).train()
+    opt = build_optimizer(model, cfg.optim)  # plain (foreach) AdamW, as a user would write it
+    if device.type == "cuda":
+        opt = torch.optim.AdamW(opt.param_groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    gen = torch.Generator(device).manual_seed(0)
+    batch = {k: v.to(device) for k, v in batch_cpu.items()}
+    state = {"step": 0}
+
+    def fn():
+        set_lr(opt, lr_at(state["step"], cfg.optim, 10**6))
+        train_step(model, batch, opt, cfg.optim.grad_clip, gen)
+        state["step"] += 1
+
+    times, peak = measure(fn, device, warmup=warmup, reps=reps)
+    return times, peak, model.flops_per_sample()
+
+
+def bench_engine(cfg, batch_cpu, device, warmup, reps, compile_: bool):
+    cfg.model.ops_backend = "auto"
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).train()
+    flops = model.flops_per_sample()
+    opt = build_optimizer(model, cfg.optim, device, engine=True)
+    net = torch.compile(model) if compile_ else model
+    step = TrainStep(net, opt, device=device, optim_cfg=cfg.optim, total_steps=10**6,
+                     modalities=cfg.model.modalities, contrastive_weight=cfg.model.contrastive_weight,
+                     amp=cfg.train.amp, cuda_graph=device.type == "cuda",
+                     generator=torch.Generator(device).manual_seed(0))
+    times, peak = measure(lambda: step([batch_cpu]), device, warmup=warmup, reps=reps)
+    step.read_metrics()
+    return times, peak, flops
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=None, help="built-in configs (default: tiny on the CPU, "
+                                                              "tiny small base on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, 64 on CUDA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="add engine+compile rows on the CPU (slow to compile)")
+    p.add_argument("--no-compile", action="store_true", help="no engine+compile rows on CUDA")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/train_step.csv")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    configs = args.configs or (["tiny", "small", "base"] if cuda else ["tiny"])
+    batch = args.batch_size or (64 if cuda else 8)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    reps = args.reps if args.reps is not None else (30 if cuda else 6)
+    with_compile = (cuda and not args.no_compile) or args.compile
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
+
+    rows, summary = [], {}
+    for name in configs:
+        cfg = load_config(PretrainConfig, name, [f"train.batch_size={batch}"])
+        amp = resolve_amp(cfg.train.amp, device)
+        variants = [("reference", None), ("engine", False)] + ([("engine+compile", True)] if with_compile else [])
+        per = {}
+        for variant, compile_ in variants:
+            pin = cuda and variant != "reference"
+            b = synthetic_batch(cfg, batch, pin)
+            if variant == "reference":
+                times, peak, flops = bench_reference(cfg, b, device, warmup, reps)
+                dtype, peak_tf = torch.float32, peak_tflops(device, None)
+            else:
+                times, peak, flops = bench_engine(cfg, b, device, warmup, reps, compile_)
+                dtype, peak_tf = amp or torch.float32, peak_tflops(device, amp)
+            sps = batch / (times[1] / 1e3)
+            tflops = sps * flops / 1e12
+            mfu = tflops / peak_tf if peak_tf else None
+            per[variant] = {"samples_per_s": round(sps, 2), "tflops": round(tflops, 4),
+                            "mfu": None if mfu is None else round(mfu, 4),
+                            "peak_mib": None if peak is None else round(peak, 1)}
+            row = result_row("train_step", variant, f"{name} b{batch}", dtype, device, times, peak,
+                             samples_per_s=round(sps, 2), tflops=round(tflops, 4),
+                             mfu=None if mfu is None else round(mfu, 4), cuda_graph=cuda and variant != "reference")
+            rows.append(row)
+            print(f"{name:5s} {variant:15s} {str(dtype).replace('torch.', ''):9s} p50 {times[1]:9.2f} ms  "
+                  f"{sps:9.2f} samples/s  {tflops:8.4f} TFLOP/s  MFU {mfu if mfu is None else f'{mfu:.1%}'}  "
+                  f"peak {per[variant]['peak_mib']} MiB", flush=True)
+        ref = per["reference"]["samples_per_s"]
+        per["speedup_vs_reference"] = round(per["engine"]["samples_per_s"] / ref, 3)
+        if "engine+compile" in per:
+            per["speedup_compile_vs_reference"] = round(per["engine+compile"]["samples_per_s"] / ref, 3)
+        summary[name] = per
+    if not args.no_save:
+        append_rows("train_step", rows)
+    first = configs[0] if "tiny" not in summary else "tiny"
+    result = {"speedup_vs_reference": summary[first]["speedup_vs_reference"], "config": first,
+              "batch_size": batch, "device": device_name(device), "torch": torch.__version__, "results": summary}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The throughput-first training step: AMP, gradient accumulation, clipping, fused AdamW, non-finite skipping and
+device-side metrics, eager or captured whole as one CUDA graph.
+
+    step = TrainStep(model, optimizer, cfg, device, world=1)
+    out = step(micro_batches)        # a list of grad_accum_steps batches; no host sync
+    metrics = step.read_metrics()    # every N steps: the one host sync; raises NonFiniteLossError after K bad steps
+
+Everything that happens per step stays on the device, so the same Python function is both the eager step (CPU, or
+CUDA without graphs) and the body captured once into a CUDA graph and replayed:
+
+- the learning rate is a 0-d device tensor computed from a device step counter (warmup + cosine, `lr_tensor`), and
+  AdamW is `fused=True` (+ `capturable=True` on CUDA) with that tensor as its `lr`;
+- a step whose loss or gradient norm is not finite is skipped inside the fused optimizer (its `found_inf` input: no
+  parameter, moment or step-count change) and counted; the run stops once `max_bad_steps` come in a row;
+- fp16 uses dynamic loss scaling with the same device ops as `torch.amp.GradScaler`
+  (`_amp_foreach_non_finite_check_and_unscale_`, `_amp_update_scale_`), fused into the step so it is capturable;
+- loss, losses and gradient norm are summed into one device tensor and read every N steps (`read_metrics`).
+
+CUDA graphs: the first call copies the batch into static device buffers, runs a few warmup steps on a side stream
+(to initialise optimizer state, autotuning and compiled code), restores every parameter, optimizer state, counter and
+the mask/crop generator to their state before warmup, then captures the step. Later calls copy the next batch into
+the static buffers (non-blocking, from pinned memory) and replay. Numbers equal the eager step's.
+
+`forbid_host_sync()` is a dispatch mode that raises on any op that makes the host wait for a tensor's value (`.item()`,
+`bool(t)`, `.tolist()` of a device tensor, `.cpu()` of a device tensor, `nonzero`, ...): tests run the step under it
+on the CPU, where a CUDA graph cannot check for us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmfuse_fast.config import OptimConfig
+
+__all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "lr_tensor", "resolve_amp", "nvtx_range",
+           "METRIC_NAMES"]
+
+METRIC_NAMES = ("loss", "loss_rec", "loss_con", "grad_norm")
+
+# Layout of the device accumulator (float64).
+_SUMS = slice(0, 4)  # sums of METRIC_NAMES over good steps
+_GOOD, _BAD, _STREAK, _TRIP, _STREAK_START, _OVERFLOW = 4, 5, 6, 7, 8, 9
+_ACC_SIZE = 10
+
+
+# --- host-sync detection -----------------------------------------------------------------------------------------
+
+
+class HostSyncError(RuntimeError):
+    """An op inside the training step made the host wait for a tensor value."""
+
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "_unique",
+             "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount"}
+# Validation that exists only on the CPU (on CUDA the same code uses torch._assert_async): allowed for CPU tensors.
+CPU_ONLY_SYNC_SITES = (("mmfuse_fast/ops/crop_resize.py", "_check"),)
+
+
+def _cpu_only_site() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        path = f.f_code.co_filename.replace("\\", "/")
+        if any(path.endswith(file) and f.f_code.co_name == fn for file, fn in CPU_ONLY_SYNC_SITES):
+            return True
+        f = f.f_back
+    return False
+
+
+class forbid_host_sync(TorchDispatchMode):
+    """Raises HostSyncError on ops that read a tensor's value on the host (or copy device -> CPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        sync = name in _SYNC_OPS
+        if not sync and name in ("_to_copy", "copy_"):  # device -> host copies
+            src = args[1] if name == "copy_" else args[0]
+            dst_device = args[0].device if name == "copy_" else kwargs.get("device")
+            sync = (isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_device is not None
+                    and torch.device(dst_device).type == "cpu")
+        if sync:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not (tensors and all(t.device.type == "cpu" for t in tensors) and _cpu_only_site()):
+                raise HostSyncError(f"host synchronization inside the training step: aten.{name} "
+                                    f"(a .item(), bool(tensor), .tolist(), .cpu() or data-dependent shape)")
+        return func(*args, **kwargs)
+
+
+# --- schedule, AMP, NVTX -----------------------------------------------------------------------------------------
+
+
+def lr_tensor(step: torch.Tensor, cfg: OptimConfig, total_steps: int) -> torch.Tensor:
+    """`engine.optim.lr_at` as device ops on a float64 0-d step tensor (0-based update index): capturable."""
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = ((step - cfg.warmup_steps) / span).clamp(0.0, 1.0)
+    cos = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+    if cfg.warmup_steps <= 0:
+        return cos
+    warm = cfg.lr * (step + 1) / cfg.warmup_steps
+    return torch.where(step < cfg.warmup_steps, warm, cos)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """"auto" -> bf16 on CUDA, none (fp32) on the CPU; "off" -> none."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str):
+    """An NVTX range for Nsight Systems on CUDA; a no-op on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+# --- the step ----------------------------------------------------------------------------------------------------
+
+
+class TrainStep:
+    """One optimizer step over `grad_accum_steps` micro-batches, eager or as a replayed CUDA graph.
+
+    `model` may be wrapped (DDP, FSDP2, torch.compile); it is called as `model(batch, generator=generator)` and
+    returns {"loss", "loss_rec", "loss_con"}. `world` is the data-parallel world size: the contrastive loss is
+    global (negatives from the whole batch) and its local gradient is the rank's share of the global gradient,
+    while DDP/FSDP average gradients over ranks, so the backward objective is loss_rec + λ·world·loss_con — the
+    averaged gradient then equals the single-process gradient of loss_rec + λ·loss_con on the global batch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 optim_cfg: OptimConfig, total_steps: int, modalities: Sequence[str], contrastive_weight: float,
+                 amp: str = "auto", grad_accum_steps: int = 1, max_bad_steps: int = 10, cuda_graph: bool = False,
+                 world: int = 1, generator: torch.Generator | None = None, start_step: int = 0,
+                 no_sync=None, graph_warmup: int = 3):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.optim_cfg, self.total_steps = optim_cfg, total_steps
+        self.modalities = tuple(modalities)
+        self.contrastive_weight = float(contrastive_weight)
+        self.amp_dtype = resolve_amp(amp, device)
+        self.accum = int(grad_accum_steps)
+        self.max_bad_steps = int(max_bad_steps)
+        self.world = int(world)
+        self.generator = generator
+        self.no_sync = no_sync  # DDP's no_sync for all but the last micro-batch
+        self.use_graph = bool(cuda_graph) and device.type == "cuda"
+        self.graph_warmup = graph_warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.grad_clip = float(optim_cfg.grad_clip)
+
+        f64 = dict(device=device, dtype=torch.float64)
+        self.step_t = torch.full((), float(start_step), **f64)
+        self.lr_t = torch.zeros((), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+        self.acc = torch.zeros(_ACC_SIZE, **f64)
+        self.acc[_TRIP] = -1
+        self.acc[_STREAK_START] = -1
+        for g in optimizer.param_groups:
+            g["lr"] = self.lr_t  # one device tensor shared by every group; written inside the step
+        # fp16: dynamic loss scale (GradScaler's defaults)
+        self.fp16 = self.amp_dtype == torch.float16
+        self.scale = torch.full((), 2.0**16, device=device, dtype=torch.float32) if self.fp16 else None
+        self.growth_tracker = torch.zeros((), device=device, dtype=torch.int32) if self.fp16 else None
+        self.static_batches: list[dict[str, torch.Tensor]] | None = None
+        self.static_out: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def set_step(self, step: int) -> None:
+        self.step_t.fill_(float(step))
+
+    def state_dict(self) -> dict:
+        """What besides the optimizer must survive a resume (fp16 loss scale; the skip streak)."""
+        out = {"acc_streak": self.acc[[_STREAK, _STREAK_START]].cpu()}
+        if self.fp16:
+            out.update(scale=self.scale.cpu(), growth_tracker=self.growth_tracker.cpu())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if "acc_streak" in state:
+            self.acc[[_STREAK, _STREAK_START]] = state["acc_streak"].to(self.device)
+        if self.fp16 and "scale" in state:
+            self.scale.copy_(state["scale"])
+            self.growth_tracker.copy_(state["growth_tracker"])
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        # cache off: the weight-cast cache must not outlive a captured graph
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def _body(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The step as device ops only: the eager step, and what the CUDA graph captures."""
+        lr = lr_tensor(self.step_t, self.optim_cfg, self.total_steps)
+        self.lr_t.copy_(lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = None
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            sync_ctx = self.no_sync() if (self.no_sync is not None and i < n - 1) else contextlib.nullcontext()
+            with sync_ctx:
+                with nvtx_range("forward"), self._autocast():
+                    out = self.model(batch, generator=self.generator)
+                loss_rec, loss_con = out["loss_rec"].float(), out["loss_con"].float()
+                if self.world > 1:
+                    objective = loss_rec + (self.contrastive_weight * self.world) * loss_con
+                else:
+                    objective = out["loss"].float()
+                if n > 1:
+                    objective = objective / n
+                if self.fp16:
+                    objective = objective * self.scale
+                with nvtx_range("backward"):
+                    objective.backward()
+            vals = torch.stack([out["loss"].detach().float(), loss_rec.detach(), loss_con.detach()])
+            totals = vals if totals is None else totals + vals
+        if n > 1:
+            totals = totals / n
+
+        with nvtx_range("optimizer"):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            overflow = None
+            if self.fp16:
+                overflow = torch.zeros((), device=self.device, dtype=torch.float32)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, overflow, self.scale.reciprocal())
+            if self.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            grad_norm = _full(grad_norm).float()
+            bad = ~torch.isfinite(totals[0])
+            if not self.fp16:  # (with fp16 a non-finite gradient is an overflow: skipped, not counted as bad)
+                bad = bad | ~torch.isfinite(grad_norm)
+            skip = bad if overflow is None else bad | (overflow > 0)
+            self.optimizer.found_inf = skip.float()  # fused AdamW skips the update (and its step count)
+            self.optimizer.step()
+            if self.fp16:
+                torch._amp_update_scale_(self.scale, self.growth_tracker, overflow, 2.0, 0.5, 2000)
+
+        # device-side metrics
+        badf = bad.double()
+        vals = torch.cat([totals.double(), grad_norm.double().reshape(1)])
+        acc = self.acc
+        streak_before = acc[_STREAK]
+        streak = (streak_before + 1) * badf
+        start = torch.where(bad & (streak_before == 0), self.step_t + 1, acc[_STREAK_START])
+        trip = torch.where((streak >= self.max_bad_steps) & (acc[_TRIP] < 0), start, acc[_TRIP])
+        new = torch.cat([
+            acc[_SUMS] + torch.where(bad, torch.zeros_like(vals), vals),
+            torch.stack([acc[_GOOD] + 1 - badf, acc[_BAD] + badf, streak, trip, start,
+                         acc[_OVERFLOW] + (0.0 if overflow is None else (overflow > 0).double())]),
+        ])
+        acc.copy_(new)
+        self.step_t.add_(1)
+        return {"loss": totals[0], "loss_rec": totals[1], "loss_con": totals[2], "grad_norm": grad_norm,
+                "skipped": skip, "lr": lr}
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {m: batch[m].to(self.device, non_blocking=True) for m in self.modalities}
+
+    def __call__(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step over `micro_batches` (host or device tensors); returns device scalars (in graph mode:
+        static tensors overwritten by the next step)."""
+        if len(micro_batches) != self.accum:
+            raise ValueError(f"expected {self.accum} micro-batches (train.grad_accum_steps), got {len(micro_batches)}")
+        if not self.use_graph:
+            return self._body([self._to_device(b) for b in micro_batches])
+        if self.graph is None:
+            self._capture(micro_batches)
+        with nvtx_range("h2d"):
+            for static, batch in zip(self.static_batches, micro_batches):
+                for m in self.modalities:
+                    static[m].copy_(batch[m], non_blocking=True)
+        with nvtx_range("step_graph"):
+            self.graph.replay()
+        return self.static_out
+
+    # --- CUDA graph -------------------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict:
+        opt_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                     for p, s in self.optimizer.state.items()}
+        return {
+            "params": [p.detach().clone() for p in self.params],
+            "opt": opt_state,
+            "tensors": [t.clone() for t in self._counters()],
+            "gen": self.generator.get_state() if self.generator is not None else None,
+        }
+
+    def _counters(self) -> list[torch.Tensor]:
+        out = [self.step_t, self.lr_t, self.acc]
+        if self.fp16:
+            out += [self.scale, self.growth_tracker]
+        return out
+
+    @torch.no_grad()
+    def _restore(self, snap: dict) -> None:
+        for p, saved in zip(self.params, snap["params"]):
+            p.copy_(saved)
+        for p, state in self.optimizer.state.items():
+            saved = snap["opt"].get(p)
+            for k, v in state.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if saved is None:
+                    v.zero_()  # fresh state: AdamW's lazy initialisation is all zeros, step 0
+                else:
+                    v.copy_(saved[k])
+        for t, saved in zip(self._counters(), snap["tensors"]):
+            t.copy_(saved)
+        if snap["gen"] is not None:
+            self.generator.set_state(snap["gen"])
+
+    def _capture(self, micro_batches: Sequence[dict]) -> None:
+        self.static_batches = [{m: torch.empty_like(b[m], device=self.device) for m in self.modalities}
+                               for b in micro_batches]
+        for static, batch in zip(self.static_batches, micro_batches):
+            for m in self.modalities:
+                static[m].copy_(batch[m])
+        snap = self._snapshot()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.graph_warmup):
+                self._body(self.static_batches)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self._restore(snap)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self.static_out = self._body(self.static_batches)
+        self.graph = graph
+
+    # --- metrics ----------------------------------------------------------------------------------------------------
+
+    def check(self, group=None) -> None:
+        """Raises NonFiniteLossError once max_bad_steps non-finite steps came in a row (one host sync)."""
+        trip = self.acc[_TRIP].clone()
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(trip, op=dist.ReduceOp.MAX, group=group)
+        self._raise_if_tripped(int(trip))
+
+    def _raise_if_tripped(self, trip: int) -> None:
+        from mmfuse_fast.engine.logging import NonFiniteLossError
+
+        if trip >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite (NaN or inf) at step {trip} and stayed so for {self.max_bad_steps} step(s) in a "
+                f"row (train.max_bad_steps; those steps were skipped, the weights are the last finite ones); lower "
+                f"the learning rate, check the input data normalization, or enable gradient clipping"
+            )
+
+    def read_metrics(self, group=None) -> dict:
+        """Means over the good steps since the last read (averaged over ranks with `group`), the skipped-step
+        count, and the error check. The one host sync of the loop; a collective when distributed."""
+        acc = self.acc.clone()
+        if group is not None:
+            import torch.distributed as dist
+
+            sums = acc[:_BAD + 1].contiguous()
+            dist.all_reduce(sums, group=group)
+            flags = acc[_BAD + 1:].contiguous()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+            world = dist.get_world_size(group)
+            acc = torch.cat([sums / world, flags])
+        values = acc.tolist()
+        self.acc[:_GOOD + 2].zero_()
+        self.acc[_OVERFLOW].zero_()
+        good, bad = values[_GOOD], values[_BAD]
+        record = {}
+        if good > 0:
+            record.update({n: values[i] / good for i, n in enumerate(METRIC_NAMES)})
+        record["skipped_steps"] = int(round(bad))
+        if self.fp16:
+            record["overflow_steps"] = int(round(values[_OVERFLOW]))
+            record["loss_scale"] = float(self.scale)
+        self._raise_if_tripped(int(values[_TRIP]))
+        return record
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 gradient norm) as a plain replicated tensor."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t

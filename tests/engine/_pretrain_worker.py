@@ -1,0 +1,50 @@
+"""Runs `pretrain` on the synthetic dataset in its own process (distributed and kill/resume tests).
+
+    python tests/engine/_pretrain_worker.py RUN_DIR '<json: {"overrides": [...], "n": 12, "resume": false}>'
+
+torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) make it one rank of
+a gloo group. Prints the summary as JSON on its last line (rank 0)."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+from conftest import TINY, SyntheticBEN  # noqa: E402
+
+from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
+from mmfuse_fast.engine.pretrain import pretrain  # noqa: E402
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __init__(self, data, sleep):
+        self.data, self.sleep = data, sleep
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        time.sleep(self.sleep)
+        return self.data[i]
+
+
+def main() -> int:
+    run_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+    cfg = load_config(PretrainConfig, None, TINY + ["train.device=cpu", *spec.get("overrides", [])])
+    data = SyntheticBEN(n=spec.get("n", 12), nan_at=spec.get("nan_at"))
+    if spec.get("sleep"):  # slow data: lets a test signal the run in mid-flight
+        data = _Slow(data, spec["sleep"])
+    out = pretrain(cfg, run_dir, resume=spec.get("resume", False), dataset=data, progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out, default=str), flush=True)
+    return out.get("exit_code", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
