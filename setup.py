@@ -26,15 +26,20 @@ if cpp_sources and os.environ.get("MMFUSE_NO_EXTENSION", "0") != "1":
                 and os.environ.get("MMFUSE_NO_CUDA", "0") != "1")
     here = os.path.dirname(os.path.abspath(__file__))
     include_dirs = [os.path.join(here, "csrc")]
-    extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch asks for (C++20 with torch 2.13)
+    # The C++ standard is the one torch asks for (C++20 with torch 2.13). -fopenmp: at::parallel_for is inlined
+    # into this extension, and without OpenMP here it silently runs every loop on one thread.
+    extra = {"cxx": ["-O3", "-fopenmp"]}
+    link_args = ["-fopenmp"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         extra["nvcc"] = ["-O3"]
         extension = CUDAExtension("mmfuse_fast._C", cpp_sources + cu_sources, include_dirs=include_dirs,
-                                  extra_compile_args=extra, define_macros=[("MMFUSE_WITH_CUDA", None)])
+                                  extra_compile_args=extra, extra_link_args=link_args,
+                                  define_macros=[("MMFUSE_WITH_CUDA", None)])
     else:
         cpu_sources = [s for s in cpp_sources if s not in cuda_glue]
-        extension = CppExtension("mmfuse_fast._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra)
+        extension = CppExtension("mmfuse_fast._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=extra,
+                                 extra_link_args=link_args)
     ext_modules = [extension]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
