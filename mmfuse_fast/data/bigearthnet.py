@@ -185,7 +185,41 @@ def resolve_splits(split: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(resolved)
 
 
-class _BigEarthNetBase(Dataset):
+class SkipBadSamples:
+    """`__getitem__` with the index check and skip-on-error of the dataset classes.
+
+    The class sets `ids`, `on_error` ("raise" | "skip"), `skipped` (0), `_bad_indices` (an empty set) and implements
+    `_load_sample(index) -> sample`, which raises `BigEarthNetDataError` for a bad sample. With `on_error="skip"` a
+    bad sample is replaced by the next valid index (wrapping around), warned about once and counted in `skipped`;
+    when every sample is bad, `_all_bad_error` is raised.
+    """
+
+    _all_bad_error: type[BigEarthNetDataError] = BigEarthNetDataError
+
+    def _load_sample(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        index %= len(self)
+        if self.on_error == "raise":
+            return self._load_sample(index)
+        for step in range(len(self)):
+            candidate = (index + step) % len(self)
+            if candidate in self._bad_indices:
+                continue
+            try:
+                return self._load_sample(candidate)
+            except BigEarthNetDataError as error:
+                self._bad_indices.add(candidate)
+                self.skipped += 1
+                warnings.warn(f"skipping bad sample {candidate} ({self.ids[candidate]}): {error}", stacklevel=2)
+        raise self._all_bad_error(f"every one of the {len(self)} samples is bad (on_error='skip')")
+
+
+class _BigEarthNetBase(SkipBadSamples, Dataset):
     """Shared sample assembly: band selection, resampling, validation, normalization and skip-on-error."""
 
     def __init__(self, modalities, normalize, bands, on_error, band_stats):
@@ -211,25 +245,6 @@ class _BigEarthNetBase(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
-        index = index % len(self)
-        if self.on_error == "raise":
-            return self._load_sample(index)
-        for step in range(len(self)):
-            candidate = (index + step) % len(self)
-            if candidate in self._bad_indices:
-                continue
-            try:
-                return self._load_sample(candidate)
-            except BigEarthNetDataError as error:
-                self._bad_indices.add(candidate)
-                self.skipped += 1
-                warnings.warn(f"skipping bad sample {candidate} ({self.ids[candidate]}): {error}", stacklevel=2)
-        raise BigEarthNetDataError(f"every one of the {len(self)} samples is bad (on_error='skip')")
 
     def _load_sample(self, index: int) -> dict:
         sample = {}

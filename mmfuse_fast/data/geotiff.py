@@ -9,9 +9,7 @@ whose message names the file. Nodata pixels of an image are NaN in the raw array
 from __future__ import annotations
 
 import math
-import operator
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .bigearthnet import BigEarthNetDataError
+from .bigearthnet import BigEarthNetDataError, SkipBadSamples
 
 __all__ = ["DataFileError", "RasterInfo", "read_raster", "raster_info", "resample", "check_same_grid",
            "RasterDataset", "default_band_names", "read_stats_csv"]
@@ -150,7 +148,7 @@ def read_stats_csv(path: str | os.PathLike, band_names: Sequence[str]) -> dict[s
     return out
 
 
-class RasterDataset(Dataset):
+class RasterDataset(SkipBadSamples, Dataset):
     """Base of the GeoTIFF/packed readers: band selection by name, normalization, nodata, skip-on-error.
 
     Subclasses set `ids`, `split_of`, `modalities`, `available_bands` ({m: all band names in file order}),
@@ -162,6 +160,7 @@ class RasterDataset(Dataset):
 
     STATS_SAMPLES = 32
     task = "scene"
+    _all_bad_error = DataFileError
 
     def _setup(self, modalities, bands, normalize, stats, on_error):
         if on_error not in ("raise", "skip"):
@@ -242,26 +241,7 @@ class RasterDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
-        index %= len(self)
-        if self.on_error == "raise":
-            return self._load(index)
-        for step in range(len(self)):
-            candidate = (index + step) % len(self)
-            if candidate in self._bad_indices:
-                continue
-            try:
-                return self._load(candidate)
-            except BigEarthNetDataError as error:
-                self._bad_indices.add(candidate)
-                self.skipped += 1
-                warnings.warn(f"skipping bad sample {candidate} ({self.ids[candidate]}): {error}", stacklevel=2)
-        raise DataFileError(f"every one of the {len(self)} samples is bad (on_error='skip')")
-
-    def _load(self, index: int) -> dict:
+    def _load_sample(self, index: int) -> dict:
         raw = self.read_raw(index)
         return self.finish(raw, self.ids[index])
 

@@ -35,7 +35,7 @@ from mmfuse_fast.engine.checkpoint import (CheckpointError, atomic_write_text, c
                                            resolve_weights, save_checkpoint)
 from mmfuse_fast.engine.data import build_loader, to_device
 from mmfuse_fast.engine.logging import LoggingConfig, MetricLogger, truncate_metrics
-from mmfuse_fast.engine.optim import build_optimizer, lr_at, set_lr
+from mmfuse_fast.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr
 from mmfuse_fast.engine.pretrain import CONFIG_NAME, restore_training_state, training_state
 from mmfuse_fast.engine.runtime import prepare_run_dir, resolve_device, seed_everything, validate_config
 
@@ -188,14 +188,7 @@ def finetune_step(forward: Callable[[dict], torch.Tensor], batch: dict, optimize
     detached device scalars out, no host sync."""
     logits = forward(batch)
     loss = (loss_fn or task_loss("multilabel"))(logits, batch["label"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    optimizer.step()
+    grad_norm = backward_and_step(loss, optimizer, grad_clip)
     return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
 

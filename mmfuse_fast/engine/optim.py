@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from mmfuse_fast.config import OptimConfig
 
-__all__ = ["NO_DECAY_NAMES", "param_groups", "build_optimizer", "lr_at", "set_lr"]
+__all__ = ["NO_DECAY_NAMES", "param_groups", "build_optimizer", "lr_at", "set_lr", "backward_and_step"]
 
 # Learned embeddings and tokens are not decayed (MAE, CROMA); neither are norms and biases (any tensor with < 2 dims).
 NO_DECAY_NAMES = ("mask_token", "cls_token", "pos_embed", "modality_embed")
@@ -59,3 +59,17 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """zero_grad, `loss.backward()`, clip the gradients to total norm `grad_clip` (when > 0), `optimizer.step()`.
+    Returns the total gradient norm before clipping (a device scalar; no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.step()
+    return grad_norm

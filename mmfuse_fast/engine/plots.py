@@ -24,6 +24,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_path: str | Path) -> Path:
+    """Lay out, write `fig` to `out_path` (creating its folder) and close it; returns the path."""
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
 def plot_loss_curves(metrics_path: str | Path, out_path: str | Path, title: str = "pretraining loss") -> Path:
     """Total, reconstruction and contrastive loss against the step, from a metrics.jsonl (or its run dir)."""
     records = read_metrics(metrics_path)
@@ -41,12 +51,7 @@ def plot_loss_curves(metrics_path: str | Path, out_path: str | Path, title: str 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path)
 
 
 def band_index(bands: Sequence[str], name: str) -> int:
@@ -117,9 +122,4 @@ def plot_reconstructions(model: torch.nn.Module, batch: dict, out_path: str | Pa
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path)

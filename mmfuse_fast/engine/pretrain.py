@@ -29,7 +29,7 @@ from mmfuse_fast.engine.distributed import (DistInfo, broadcast_flag, build_rank
                                             shutdown_distributed, wrap_model)
 from mmfuse_fast.engine.logging import LoggingConfig, MetricLogger, truncate_metrics
 from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops
-from mmfuse_fast.engine.optim import build_optimizer, lr_at
+from mmfuse_fast.engine.optim import backward_and_step, build_optimizer, lr_at
 from mmfuse_fast.engine.runtime import prepare_run_dir, resolve_device, seed_everything, validate_config
 from mmfuse_fast.engine.step import TrainStep, nvtx_range, resolve_amp
 
@@ -43,14 +43,7 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
     """One optimisation step; returns detached device scalars (loss, loss_rec, loss_con, grad_norm). No host
     sync."""
     out = model(batch, generator=generator)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    optimizer.step()
+    grad_norm = backward_and_step(out["loss"], optimizer, grad_clip)
     return {"loss": out["loss"].detach(), "loss_rec": out["loss_rec"].detach(),
             "loss_con": out["loss_con"].detach(), "grad_norm": grad_norm.detach()}
 

@@ -10,7 +10,33 @@ import torch.nn as nn
 POOLINGS = ("mean", "concat")
 
 
-class MultiLabelClassifier(nn.Module):
+def backbone_modalities(backbone: nn.Module, modalities: Sequence[str] | None) -> tuple[str, ...]:
+    """`modalities` (default: all of the backbone's) as a tuple, checked to be a non-empty subset of the backbone's."""
+    chosen = tuple(modalities) if modalities is not None else tuple(backbone.modalities)
+    unknown = [m for m in chosen if m not in backbone.modalities]
+    if unknown or not chosen:
+        raise ValueError(f"modalities {list(chosen)} must be a non-empty subset of the backbone's "
+                         f"{list(backbone.modalities)}")
+    return chosen
+
+
+class BackboneTaskModel(nn.Module):
+    """Base of the task models holding a `backbone` and a `freeze_backbone` flag: a frozen backbone does not
+    require grad and stays in eval mode, whatever `train()` is asked."""
+
+    def _freeze_backbone_if_set(self) -> None:
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+
+class MultiLabelClassifier(BackboneTaskModel):
     """Pooled encoder tokens -> one Linear layer -> logits (B, num_classes) (BigEarthNet: 19 classes).
 
     pooling "mean": mean over all tokens of the chosen modalities (D features); "concat": per-modality means,
@@ -24,25 +50,13 @@ class MultiLabelClassifier(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.backbone = backbone
-        self.modalities = tuple(modalities) if modalities is not None else tuple(backbone.modalities)
-        unknown = [m for m in self.modalities if m not in backbone.modalities]
-        if unknown or not self.modalities:
-            raise ValueError(f"modalities {list(self.modalities)} must be a non-empty subset of the backbone's "
-                             f"{list(backbone.modalities)}")
+        self.modalities = backbone_modalities(backbone, modalities)
         self.pooling, self.freeze_backbone, self.num_classes = pooling, freeze_backbone, num_classes
         dim = backbone.cfg.embed_dim * (len(self.modalities) if pooling == "concat" else 1)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
+        self._freeze_backbone_if_set()
 
     def features(self, batch) -> torch.Tensor:
         """(B, D) or (B, k*D) pooled features."""

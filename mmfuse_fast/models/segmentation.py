@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .heads import BackboneTaskModel, backbone_modalities
+
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(BackboneTaskModel):
     """`forward(batch) -> (B, num_classes, H, W)` logits for {m: (B, C_m, H, W)} inputs (H = W = img_size).
 
     With `freeze_backbone` (linear-probe style) only the head trains and the backbone stays in eval mode."""
@@ -33,11 +35,7 @@ class SegmentationModel(nn.Module):
                  channels: int = 64, num_levels: int = 4, freeze_backbone: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.modalities = tuple(modalities) if modalities is not None else tuple(backbone.modalities)
-        unknown = [m for m in self.modalities if m not in backbone.modalities]
-        if unknown or not self.modalities:
-            raise ValueError(f"modalities {list(self.modalities)} must be a non-empty subset of the backbone's "
-                             f"{list(backbone.modalities)}")
+        self.modalities = backbone_modalities(backbone, modalities)
         self.num_classes, self.freeze_backbone = num_classes, freeze_backbone
         self.img_size, self.patch_size, self.grid = backbone.img_size, backbone.patch_size, backbone.grid_size
         d = backbone.cfg.embed_dim
@@ -61,15 +59,7 @@ class SegmentationModel(nn.Module):
         self.smooth = nn.ModuleList(_conv_bn_relu(channels, channels, 3) for _ in scales)
         self.fuse = _conv_bn_relu(channels * len(scales), channels, 3)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
+        self._freeze_backbone_if_set()
 
     def multilevel_features(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """[(B, D, g, g)] at the chosen depths, modalities averaged."""
