@@ -78,9 +78,38 @@ def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return _quantiles(times), peak
+
+
+def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, reps: int = 10) -> dict:
+    """{name: ((p20, p50, p80) ms, peak MiB)} for several providers timed in alternation (rep i of every provider
+    before rep i + 1 of any), so a drift of the machine's speed during the run weighs on all of them alike."""
+    peaks = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        peaks[name] = peak_memory_mib(fn, device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (_quantiles(t), peaks[name]) for name, t in times.items()}
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    times = sorted(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return (q[1], statistics.median(times), q[7]), peak
+    return q[1], statistics.median(times), q[7]
 
 
 def result_row(op, backend, shape, dtype, device, times, peak, **extra) -> dict:

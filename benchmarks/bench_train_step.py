@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _util import append_rows, device_name, measure, result_row  # noqa: E402
+from _util import append_rows, device_name, measure_interleaved, result_row  # noqa: E402
 
 from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
 from mmfuse_fast.engine.observe import peak_tflops  # noqa: E402
@@ -44,7 +44,8 @@ def synthetic_batch(cfg, batch: int, pin: bool) -> dict:
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
-def bench_reference(cfg, batch_cpu, device, warmup, reps):
+def reference_step(cfg, batch_cpu, device):
+    """(step function, FLOPs per sample) of the eager fp32 reference step."""
     cfg.model.ops_backend = "reference"
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
@@ -60,11 +61,11 @@ def bench_reference(cfg, batch_cpu, device, warmup, reps):
         train_step(model, batch, opt, cfg.optim.grad_clip, gen)
         state["step"] += 1
 
-    times, peak = measure(fn, device, warmup=warmup, reps=reps)
-    return times, peak, model.flops_per_sample()
+    return fn, model.flops_per_sample()
 
 
-def bench_engine(cfg, batch_cpu, device, warmup, reps, compile_: bool):
+def engine_step(cfg, batch_cpu, device, compile_: bool):
+    """(step function, FLOPs per sample) of the engine's TrainStep."""
     cfg.model.ops_backend = "auto"
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
@@ -75,9 +76,7 @@ def bench_engine(cfg, batch_cpu, device, warmup, reps, compile_: bool):
                      modalities=cfg.model.modalities, contrastive_weight=cfg.model.contrastive_weight,
                      amp=cfg.train.amp, cuda_graph=device.type == "cuda",
                      generator=torch.Generator(device).manual_seed(0))
-    times, peak = measure(lambda: step([batch_cpu]), device, warmup=warmup, reps=reps)
-    step.read_metrics()
-    return times, peak, flops
+    return lambda: step([batch_cpu]), flops
 
 
 def main(argv=None) -> dict:
@@ -98,7 +97,7 @@ def main(argv=None) -> dict:
     configs = args.configs or (["tiny", "small", "base"] if cuda else ["tiny"])
     batch = args.batch_size or (64 if cuda else 8)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    reps = args.reps if args.reps is not None else (30 if cuda else 6)
+    reps = args.reps if args.reps is not None else (30 if cuda else 12)
     with_compile = (cuda and not args.no_compile) or args.compile
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
@@ -108,16 +107,21 @@ def main(argv=None) -> dict:
         cfg = load_config(PretrainConfig, name, [f"train.batch_size={batch}"])
         amp = resolve_amp(cfg.train.amp, device)
         variants = [("reference", None), ("engine", False)] + ([("engine+compile", True)] if with_compile else [])
-        per = {}
+        per, steps = {}, {}
         for variant, compile_ in variants:
             pin = cuda and variant != "reference"
             b = synthetic_batch(cfg, batch, pin)
             if variant == "reference":
-                times, peak, flops = bench_reference(cfg, b, device, warmup, reps)
-                dtype, peak_tf = torch.float32, peak_tflops(device, None)
+                steps[variant] = reference_step(load_config(PretrainConfig, name, [f"train.batch_size={batch}"]),
+                                                b, device)
             else:
-                times, peak, flops = bench_engine(cfg, b, device, warmup, reps, compile_)
-                dtype, peak_tf = amp or torch.float32, peak_tflops(device, amp)
+                steps[variant] = engine_step(cfg, b, device, compile_)
+        # Timed in alternation: on a shared machine a drift in speed would otherwise favour whichever ran first.
+        measured = measure_interleaved({v: fn for v, (fn, _) in steps.items()}, device, warmup=warmup, reps=reps)
+        for variant, _ in variants:
+            (times, peak), flops = measured[variant], steps[variant][1]
+            dtype = torch.float32 if variant == "reference" else (amp or torch.float32)
+            peak_tf = peak_tflops(device, None if variant == "reference" else amp)
             sps = batch / (times[1] / 1e3)
             tflops = sps * flops / 1e12
             mfu = tflops / peak_tf if peak_tf else None

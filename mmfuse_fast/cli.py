@@ -1,4 +1,4 @@
-"""The `mmfuse` command: pretrain | finetune | evaluate.
+"""The `mmfuse` command: pretrain | finetune | evaluate | predict | data.
 
     mmfuse pretrain --config tiny --run-dir runs/pt [--set train.steps=50 ...] [--resume]
     mmfuse finetune [--config FILE] --run-dir runs/ft --pretrained runs/pt [--set label_fraction=0.01] [--resume]
@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --config, the run's own config.yaml")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --set train.compile=true)")
 
-    p = sub.add_parser("finetune", help="multi-label linear probe / fine-tuning on a pretrained run")
+    p = sub.add_parser("finetune", help="linear probe / fine-tuning (multilabel, scene, segmentation) on a pretrained run")
     _add_config_args(p, "YAML path of a FinetuneConfig (default: the built-in defaults)")
     p.add_argument("--pretrained", default=None, help="pretraining run dir or .safetensors (= --set pretrained=PATH)")
 
-    p = sub.add_parser("evaluate", help="evaluate a fine-tuned classifier on a split")
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
     p.add_argument("--run-dir", required=True, help="fine-tuning run directory or checkpoint")
     p.add_argument("--split", default="test")
     p.add_argument("--data-root", default=None, help="dataset root (default: the one in the run's config)")
