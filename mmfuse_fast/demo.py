@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=None, help="linear-probe steps (default: 200)")
     parser.add_argument("--data-root", default=None, help="BigEarthNet v2 root (default: $MMFUSE_BEN_V2_ROOT or "
                                                            "the sample, fetched into the cache)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the tiny model's ops are too small to gain from "
-                             "intra-op threads, and one thread stays fast when the cores are shared)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: torch's default, one per core; on a machine shared with "
+                             "other jobs, 1 keeps the tiny model's small ops from fighting over the cores)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads > 0:
