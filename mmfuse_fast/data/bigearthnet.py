@@ -250,20 +250,24 @@ class _BigEarthNetBase(SkipBadSamples, Dataset):
         sample = {}
         for modality in self.modalities:
             raw = self._read_bands(index, modality)
-            image = self._assemble(raw, modality, self._source_name(index, modality))
-            if self.normalize:
+            image = self._assemble(raw, modality, self._source_name(index, modality))  # a fresh float32 array
+            if self.normalize:  # in place: the same arithmetic as (image - mean) / std without two temporaries
                 mean, std = self._mean_std[modality]
-                image = (image - mean) / std
-            sample[modality] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+                np.subtract(image, mean, out=image)
+                np.divide(image, std, out=image)
+            sample[modality] = torch.from_numpy(image)
         sample["label"] = torch.from_numpy(self.labels[index].copy())
         sample["id"] = self.ids[index]
         return sample
 
     def _assemble(self, raw: Mapping[str, np.ndarray], modality: str, source: str) -> np.ndarray:
-        """Stack the requested bands at 120 x 120 in channel order, after checking names, shapes and values."""
-        channels: list[np.ndarray | None] = []
-        to_resample: dict[int, list[int]] = {}  # side length -> channel positions, resampled in one call per size
-        for position, band in enumerate(self.bands[modality]):
+        """Stack the requested bands at 120 x 120 in channel order, after checking names, shapes and values.
+
+        Returns a new C-contiguous float32 array (C, 120, 120) that the caller may modify in place."""
+        bands = self.bands[modality]
+        image = np.empty((len(bands), PATCH_SIZE_PX, PATCH_SIZE_PX), dtype=np.float32)
+        to_resample: dict[int, list[tuple[int, np.ndarray]]] = {}  # side -> (channel, array): one call per size
+        for position, band in enumerate(bands):
             if band not in raw:
                 raise BigEarthNetDataError(f"{source}: band {band} is missing (present: {sorted(raw)})")
             array = np.asarray(raw[band])
@@ -273,20 +277,21 @@ class _BigEarthNetBase(SkipBadSamples, Dataset):
                 raise BigEarthNetDataError(
                     f"{source}: band {band} has shape {array.shape}, expected one of {sorted(allowed)}"
                 )
-            array = array.astype(np.float32, copy=False)
-            if not np.isfinite(array).all():
+            array = array.astype(np.float32, copy=False)  # no copy for float32 (S1) bands
+            # integers (S2 DN) are finite whatever their value: only float bands need the check
+            if raw[band].dtype.kind not in "iub" and not np.isfinite(array).all():
                 raise BigEarthNetDataError(f"{source}: band {band} contains NaN or infinite values")
-            channels.append(array)
-            if array.shape[0] != PATCH_SIZE_PX:
-                to_resample.setdefault(array.shape[0], []).append(position)
-        for positions in to_resample.values():
-            stack = torch.from_numpy(np.stack([channels[p] for p in positions]))[None]
+            if array.shape[0] == PATCH_SIZE_PX:
+                image[position] = array
+            else:
+                to_resample.setdefault(array.shape[0], []).append((position, array))
+        for group in to_resample.values():
+            stack = torch.from_numpy(np.stack([array for _, array in group]))[None]
             upsampled = F.interpolate(
                 stack, size=(PATCH_SIZE_PX, PATCH_SIZE_PX), mode="bilinear", align_corners=False, antialias=False
             )[0].numpy()
-            for offset, position in enumerate(positions):
-                channels[position] = upsampled[offset]
-        return np.stack(channels)
+            image[[position for position, _ in group]] = upsampled
+        return image
 
     def _labels_from_lists(self, ids: Sequence[str], label_lists: Sequence[Sequence[str]]) -> list:
         """Multi-hot labels; rows with unknown labels raise, or in skip mode are marked None and counted."""
