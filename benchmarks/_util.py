@@ -62,23 +62,7 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
 
 def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10):
     """((p20, p50, p80) milliseconds, peak extra memory in MiB or None). CUDA times come from events."""
-    for _ in range(warmup):
-        fn()
-    peak = peak_memory_mib(fn, device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times), peak
+    return measure_interleaved({"fn": fn}, device, warmup=warmup, reps=reps)["fn"]
 
 
 def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, reps: int = 10) -> dict:
