@@ -180,9 +180,9 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     model.train()
     last_ckpt, interrupted = ckpt, None
     meter = ThroughputMeter(device, batch_size, flops_per_sample, peak_tflops(device, amp_dtype))
+    tb = TensorBoardWriter(run_dir, enabled=info.is_main)  # before the progress bar: it may print a note
     logger = MetricLogger(run_dir, LoggingConfig(every=tc.log_every, progress=progress), total_steps=steps,
                           start_step=step, desc="pretrain", batch_size=batch_size) if info.is_main else None
-    tb = TensorBoardWriter(run_dir, enabled=info.is_main)
     stop = StopSignal()
     stop.install()
     group = info.group if info.enabled else None
