@@ -121,7 +121,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, dat
     validate_config(cfg)
     info, dist_device = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, run_dir, resume, dataset, progress, info, dist_device)
+        out = _pretrain(cfg, run_dir, resume, dataset, progress, info, dist_device)
+        if info.enabled:  # no rank tears the group down while another still has collectives in flight
+            import torch.distributed as dist
+
+            dist.barrier(group=info.cpu_group)
+        return out
     finally:
         shutdown_distributed(info)
 
