@@ -233,6 +233,21 @@ class RasterDataset(SkipBadSamples, Dataset):
             out[m] = {b: (float(mu), float(sd)) for b, mu, sd in zip(self.bands[m], mean, std)}
         return out
 
+    def fill_missing_stats(self, stats_ids: Sequence[str]) -> None:
+        """With normalize on, computes the statistics of the bands that have none over the samples `stats_ids`
+        (every sample found, not just this split, so all splits are normalized alike)."""
+        if not self.normalize or all(b in self.stats[m] for m in self.modalities for b in self.bands[m]):
+            return
+        selected = self.ids
+        self.ids = list(stats_ids)
+        try:
+            computed = self.compute_stats()
+        finally:
+            self.ids = selected
+        for m in self.modalities:
+            for b in self.bands[m]:
+                self.stats[m].setdefault(b, computed[m][b])
+
     # -- samples ---------------------------------------------------------------------------------------------------
 
     def read_raw(self, index: int) -> dict:

@@ -84,14 +84,7 @@ class SegmentationTiles(RasterDataset):
             if isinstance(value, (str, os.PathLike)):
                 stats[m] = read_stats_csv(value, self.available_bands[m])
         self._setup(list(self.folders), bands, normalize, stats, on_error)
-        if normalize and any(b not in self.stats[m] for m in self.modalities for b in self.bands[m]):
-            selected = self.ids
-            self.ids = sorted(self._labels)
-            computed = self.compute_stats()
-            self.ids = selected
-            for m in self.modalities:
-                for b in self.bands[m]:
-                    self.stats[m].setdefault(b, computed[m][b])
+        self.fill_missing_stats(sorted(self._labels))
 
     def modality_path(self, sample_id: str, modality: str) -> Path:
         folder = self.root / self.folders[modality]

@@ -89,14 +89,7 @@ class SEN12MS(RasterDataset):
                                     f"ROIs*_<season>/s2_<scene>/ROIs*_<season>_s2_<scene>_p<patch>.tif)")
         self.ids, self.split_of = select_split(list(self._paths), self.root, split, split_files, key=sample_id_of)
         self._setup(modalities, bands, normalize, stats, on_error)
-        all_ids = self.ids  # statistics come from every patch found, not just this split
-        if normalize and any(b not in self.stats[m] for m in self.modalities for b in self.bands[m]):
-            self.ids = list(self._paths)
-            computed = self.compute_stats()
-            self.ids = all_ids
-            for m in self.modalities:
-                for b in self.bands[m]:
-                    self.stats[m].setdefault(b, computed[m][b])
+        self.fill_missing_stats(list(self._paths))
 
     def triplet_paths(self, index: int) -> dict[str, Path]:
         s2 = self._paths[self.ids[index]]
