@@ -35,8 +35,7 @@ from mmfuse_fast.ops.infonce_chunked import (
     all_gather_nograd,
     assemble_loss,
     finish_grads,
-    gather_columns,
-    group_info,
+    function_args,
     loss_scale,
     merge_partial_lse,
     temperature_tensor,
@@ -437,10 +436,4 @@ class _TritonInfoNCE(torch.autograd.Function):
 
 def multiscale_infonce_triton(anchors, views, temperature=0.1, symmetric=True, group=None) -> torch.Tensor:
     """`multiscale_infonce` through the fused Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    rank, _ = group_info(group)
-    local_batch = views.shape[1]
-    cols = gather_columns(views, group)
-    temp_t = temperature if isinstance(temperature, torch.Tensor) else None
-    temp_v = None if temp_t is not None else float(temperature)
-    return _TritonInfoNCE.apply(anchors, cols, temp_t, temp_v, bool(symmetric), rank * local_batch,
-                                cols.shape[1], group)
+    return _TritonInfoNCE.apply(*function_args(anchors, views, temperature, symmetric, group))

@@ -62,6 +62,16 @@ def gather_columns(views: torch.Tensor, group) -> torch.Tensor:
     return all_gather_batch(views, group)
 
 
+def function_args(anchors, views, temperature, symmetric, group) -> tuple:
+    """The leading arguments both autograd Functions (chunked and Triton) take: anchors, the global columns, the
+    temperature as a tensor or a float, symmetric, this rank's first row, the global batch and the group."""
+    rank, _ = group_info(group)
+    cols = gather_columns(views, group)
+    temp_t = temperature if isinstance(temperature, torch.Tensor) else None
+    temp_v = None if temp_t is not None else float(temperature)
+    return anchors, cols, temp_t, temp_v, bool(symmetric), rank * views.shape[1], cols.shape[1], group
+
+
 def all_gather_nograd(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -213,10 +223,4 @@ class _ChunkedInfoNCE(torch.autograd.Function):
 def multiscale_infonce_chunked(anchors, views, temperature=0.1, symmetric=True, group=None,
                                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """`multiscale_infonce` without B x B storage, in plain PyTorch (any device)."""
-    rank, _ = group_info(group)
-    local_batch = views.shape[1]
-    cols = gather_columns(views, group)
-    temp_t = temperature if isinstance(temperature, torch.Tensor) else None
-    temp_v = None if temp_t is not None else float(temperature)
-    return _ChunkedInfoNCE.apply(anchors, cols, temp_t, temp_v, bool(symmetric), rank * local_batch,
-                                 cols.shape[1], group, int(chunk_bytes))
+    return _ChunkedInfoNCE.apply(*function_args(anchors, views, temperature, symmetric, group), int(chunk_bytes))
