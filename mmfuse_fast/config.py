@@ -26,13 +26,14 @@ class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type or range."""
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
+    """Raises ConfigError naming `key` unless `condition`."""
     if not condition:
         raise ConfigError(f"config key '{key}' {message}")
 
 
 def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+    require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -63,19 +64,19 @@ class ModelConfig:
     ops_backend: str = "auto"  # auto | triton | reference
 
     def __post_init__(self):
-        _require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
+        require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
         for name, bands in self.modalities.items():
-            _require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
+            require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
                      f"must list distinct band names; got {bands}")
-        _require(self.img_size % self.patch_size == 0, "model.patch_size",
+        require(self.img_size % self.patch_size == 0, "model.patch_size",
                  f"must divide model.img_size={self.img_size}; got {self.patch_size}")
-        _require(self.embed_dim % self.num_heads == 0, "model.num_heads", f"must divide embed_dim={self.embed_dim}")
-        _require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
+        require(self.embed_dim % self.num_heads == 0, "model.num_heads", f"must divide embed_dim={self.embed_dim}")
+        require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
                  f"must divide decoder_dim={self.decoder_dim}")
-        _require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1); got {self.mask_ratio}")
-        _require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+        require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1); got {self.mask_ratio}")
+        require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
                  "model.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1; got {self.crop_scale}")
-        _require(self.temperature > 0, "model.temperature", "must be positive")
+        require(self.temperature > 0, "model.temperature", "must be positive")
         _one_of(self.ops_backend, ("auto", "triton", "reference"), "model.ops_backend")
 
 
@@ -98,8 +99,8 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of(self.on_error, ("raise", "skip"), "data.on_error")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _require(self.num_classes >= 0, "data.num_classes", "must be >= 0 (0: from the labels)")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.num_classes >= 0, "data.num_classes", "must be >= 0 (0: from the labels)")
 
 
 @dataclass
@@ -129,15 +130,15 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
     def __post_init__(self):
-        _require(self.steps >= 0, "train.steps", "must be >= 0")
-        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _require(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every",
+        require(self.steps >= 0, "train.steps", "must be >= 0")
+        require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        require(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every",
                  "and train.checkpoint_every must be >= 1")
         _one_of(self.amp, ("auto", "bf16", "fp16", "off"), "train.amp")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        _require(self.batch_size % self.grad_accum_steps == 0, "train.batch_size",
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        require(self.batch_size % self.grad_accum_steps == 0, "train.batch_size",
                  f"must be a multiple of train.grad_accum_steps={self.grad_accum_steps}; got {self.batch_size}")
-        _require(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        require(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         _one_of(self.distributed, ("ddp", "fsdp2"), "train.distributed")
 
 
@@ -167,10 +168,10 @@ class FinetuneConfig:
     def __post_init__(self):
         _one_of(self.mode, ("linear", "full"), "mode")
         _one_of(self.task, ("multilabel", "scene", "segmentation"), "task")
-        _require(self.seg_channels >= 1 and self.eval_stride >= 0, "seg_channels",
+        require(self.seg_channels >= 1 and self.eval_stride >= 0, "seg_channels",
                  "must be >= 1 (and eval_stride >= 0)")
         _one_of(self.pooling, ("mean", "concat"), "pooling")
-        _require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
+        require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

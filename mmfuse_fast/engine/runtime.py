@@ -59,13 +59,9 @@ def prepare_run_dir(run_dir: str | Path, resume: bool) -> tuple[Path, Path | Non
 def validate_config(cfg) -> None:
     """The checks that need the registries or the run's purpose; the dataclasses in config.py check each value's
     type and range themselves when they are built. Raises ConfigError naming the key."""
-    from mmfuse_fast.config import ConfigError
+    from mmfuse_fast.config import require as need
     from mmfuse_fast.data import DATASETS
     from mmfuse_fast.models import MODELS
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {message}")
 
     model = getattr(cfg, "model", None)
     if model is not None:
