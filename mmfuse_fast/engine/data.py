@@ -6,7 +6,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
+
+from mmfuse_fast.data.loader import SharedBatchLoader
 
 __all__ = ["epoch_order", "InfiniteSampler", "build_loader", "to_device"]
 
@@ -41,18 +43,16 @@ class InfiniteSampler(Sampler[int]):
 
 
 def build_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, num_workers: int = 0,
-                 device: torch.device | None = None, shuffle: bool = True) -> DataLoader:
-    """An endless DataLoader over `dataset` starting at sample `start` of the seeded stream."""
+                 device: torch.device | None = None, shuffle: bool = True) -> SharedBatchLoader:
+    """An endless loader over `dataset` starting at sample `start` of the seeded stream."""
     sampler = InfiniteSampler(len(dataset), seed=seed, shuffle=shuffle, start=start)
-    return DataLoader(
+    return SharedBatchLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # worker seeds; leaves the global RNG alone
-        drop_last=False,
     )
 
 

@@ -17,8 +17,9 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
+from mmfuse_fast.data.loader import SharedBatchLoader
 from mmfuse_fast.engine.data import InfiniteSampler
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "RankSampler", "build_rank_loader",
@@ -108,19 +109,17 @@ class RankSampler(Sampler[int]):
 
 
 def build_rank_loader(dataset: Dataset, global_batch: int, micro_batch: int, seed: int, rank: int, world: int,
-                      start_step: int, num_workers: int, device: torch.device) -> DataLoader:
+                      start_step: int, num_workers: int, device: torch.device) -> SharedBatchLoader:
     """Endless loader of this rank's micro-batches (grad_accum_steps of them per step), pinned on CUDA."""
     sampler = RankSampler(len(dataset), seed, global_batch, rank, world, start_step)
-    return DataLoader(
+    return SharedBatchLoader(
         dataset,
-        batch_size=micro_batch,
+        micro_batch,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
     )
 
 

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mmfuse_fast.config import FinetuneConfig, load_config
+from mmfuse_fast.data.loader import SharedBatchLoader
 from mmfuse_fast.engine.checkpoint import CheckpointError, atomic_write_text, load_weights, resolve_weights
 from mmfuse_fast.engine.data import to_device
 from mmfuse_fast.engine.finetune import (MODEL_CONFIG_NAME, _find_run_dir, _read_model_config, build_classifier,
@@ -62,8 +63,8 @@ def evaluate(run_dir_or_checkpoint: str | Path, split: str = "test", data_root: 
         if data_root is not None:
             data_cfg = type(data_cfg)(**{**vars(data_cfg), "root": str(data_root)})
         dataset = build_dataset(data_cfg, [split], bands=model.backbone.cfg.modalities)
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    loader = SharedBatchLoader(dataset, batch_size or cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                               pin_memory=device.type == "cuda")
     info = read_task_info(run_dir)
     task, num_classes = info["task"], info["num_classes"]
     if task == "multilabel":

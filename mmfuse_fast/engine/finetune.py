@@ -27,10 +27,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from mmfuse_fast.config import FinetuneConfig, ModelConfig, PretrainConfig, from_dict, load_config, save_config, to_dict
+from mmfuse_fast.data.loader import SharedBatchLoader
 from mmfuse_fast.engine.checkpoint import (CheckpointError, atomic_write_text, config_hash, load_weights,
                                            resolve_weights, save_checkpoint)
 from mmfuse_fast.engine.data import build_loader, to_device
@@ -202,7 +203,7 @@ class FeatureCache(Dataset):
 
     def __init__(self, model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
                  num_workers: int = 0, progress: bool = True):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = SharedBatchLoader(dataset, batch_size, num_workers=num_workers)
         feats, labels = [], []
         was_training = model.training
         model.eval()

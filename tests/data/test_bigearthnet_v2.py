@@ -20,6 +20,7 @@ from mmfuse_fast.data import (
     compute_band_stats,
 )
 from mmfuse_fast.data.bigearthnet import class_index, label_key, shared_lmdb_env
+from mmfuse_fast.data.loader import SharedBatchLoader
 
 LMDB_DIR = "BigEarthNet-V2-LMDB"
 
@@ -227,6 +228,16 @@ def test_lazy_lmdb_and_dataloader_workers(ben_v2_root):
     assert list(batches[0]["id"]) == ds.ids[:3]
     other = BigEarthNetV2(ben_v2_root, split="test")  # a second reader of the same LMDB in this process
     assert other[0]["id"] == other.ids[0] and ds[1]["id"] == ds.ids[1]
+
+
+def test_shared_batch_loader_on_the_real_sample(ben_v2_root):
+    ds = BigEarthNetV2(ben_v2_root, split="validation")
+    stock = list(torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2))
+    shared = list(SharedBatchLoader(ds, 3, num_workers=2))
+    assert len(shared) == len(stock) == 3
+    for got, expected in zip(shared, stock):
+        assert got["id"] == expected["id"]
+        assert all(torch.equal(got[k], expected[k]) for k in ("s1", "s2", "label"))
 
 
 def test_build_dataset(ben_v2_root):
