@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run under the interpreter. Triton reads this when it is first imported, so it is
+# set here, before any test module (or a library it imports) can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BEN_V2_SAMPLE = SHARED_DATA / "bigearthnet-v2-sample"
 ENMAP_TILES = SHARED_DATA / "enmap-hsi-tiles"

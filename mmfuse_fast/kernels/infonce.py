@@ -2,7 +2,8 @@
 
 Notation (see mmfuse_fast/ops/infonce_chunked.py for the math): per scale s the logits are L = A Vᵀ / τ with
 A = this rank's b anchor rows and V = all B_cols views (the gathered views under a process group; row i's
-positive is column `row_offset + i`). Kernels work in log2 units (qk = L · log2 e) and fp32 accumulation.
+positive is column `row_offset + i`). Kernels work in log2 units (qk = L · log2 e) and fp32 accumulation; fp32
+inputs multiply as 3xTF32 (see `_precision`), fp16/bf16 inputs natively.
 
 Forward, grid (row blocks, S):
     each program keeps its BLOCK_M rows in registers and sweeps all column tiles once. Row LSE: online
@@ -297,19 +298,36 @@ def _interpreted() -> bool:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: full fp32 products unless torch allows TF32 matmuls (as the reference would use)."""
-    if dtype != torch.float32 or (torch.backends.cuda.matmul.allow_tf32 and not _interpreted()):
+    """The products' precision. fp32 inputs (the model's embeddings): 3xTF32 on the tensor cores, which keeps about
+    fp32 accuracy, or plain TF32 where torch allows TF32 matmuls (as the reference would then use). Not "ieee": its
+    FMA lowering spills kilobytes of registers per thread at every tile size tried (`compile_check --resources`).
+    The interpreter computes in fp32 whatever the setting."""
+    if dtype != torch.float32:
         return "tf32"  # Triton's default; irrelevant for fp16/bf16 operands
-    return "ieee"
+    if _interpreted():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def _config(dim: int, kind: str) -> dict:
-    """Block sizes: first guesses for an H100, not yet measured (no autotuning: atomics would accumulate over the
-    autotuner's repeated launches)."""
-    single = dim <= MAX_SINGLE_D
+# 3xTF32 splits every operand into two TF32 halves: twice the registers. Tiles without spills on sm_90 (checked by
+# `python -m mmfuse_fast.kernels.compile_check --resources`); wider D loops over 64-wide chunks.
+_TF32X3_MAX_SINGLE_D = 128
+_TF32X3_CONFIGS = {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+                   "repair": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+                   "bwd": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+                   "bwd_atomic": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+                   "bwd_rows": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)}
+
+
+def _config(dim: int, kind: str, precision: str = "tf32") -> dict:
+    """Block sizes: first guesses for an H100 that compile without register spills, not yet timed (no autotuning:
+    atomics would accumulate over the autotuner's repeated launches)."""
+    single = dim <= (_TF32X3_MAX_SINGLE_D if precision == "tf32x3" else MAX_SINGLE_D)
     block_d = max(16, triton.next_power_of_2(dim)) if single else 64
     if _interpreted():
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    elif precision == "tf32x3":
+        cfg = dict(_TF32X3_CONFIGS["bwd_atomic" if kind == "bwd" and BWD_DA_ATOMIC else kind])
     elif kind == "fwd":
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3) if block_d <= 128 else \
             dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
@@ -323,7 +341,7 @@ def _config(dim: int, kind: str) -> dict:
             dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
     cfg.update(SINGLE_D=single, BLOCK_D=block_d)
     if kind in ("bwd", "bwd_rows"):
-        cfg["BLOCK_DO"] = block_d if single else 128
+        cfg["BLOCK_DO"] = block_d if single else (64 if precision == "tf32x3" else 128)
     return cfg
 
 
@@ -335,20 +353,21 @@ def _launch_forward(a, v, tau, ref2, symmetric):
     row_lse2 = torch.empty(n_scales, n_rows, device=v.device, dtype=torch.float32)
     col_sum = torch.zeros(n_scales, n_cols, device=v.device, dtype=torch.float32) if symmetric else row_lse2
     ref_arg = ref2 if symmetric else row_lse2
-    cfg = _config(dim, "fwd")
+    precision = _precision(v.dtype)
+    cfg = _config(dim, "fwd", precision)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), n_scales)
     _infonce_fwd_kernel[grid](
         a, v, tau, ref_arg, row_lse2, col_sum, n_rows, n_cols, dim,
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
-        SYMMETRIC=symmetric, PRECISION=_precision(v.dtype), **cfg)
+        SYMMETRIC=symmetric, PRECISION=precision, **cfg)
     if not symmetric:
         return row_lse2, None, None
-    cfg = _config(dim, "repair")
+    cfg = _config(dim, "repair", precision)
     grid = (triton.cdiv(n_cols, cfg["BLOCK_N"]), n_scales)
     _infonce_col_repair_kernel[grid](
         a, v, tau, ref2, col_sum, n_rows, n_cols, dim,
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
-        PRECISION=_precision(v.dtype), **cfg)
+        PRECISION=precision, **cfg)
     return row_lse2, ref2, col_sum
 
 
@@ -365,7 +384,7 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
     else:  # dA from a second, row-major pass: no atomics, deterministic; 2-D anchors: per-scale rows summed after
         d_a = torch.empty(n_scales, n_rows, dim, device=v.device, dtype=torch.float32)
         stride_das = d_a.stride(0)
-    cfg = _config(dim, "bwd")
+    cfg = _config(dim, "bwd", precision)
     grid = (triton.cdiv(n_cols, cfg["BLOCK_N"]), n_scales, triton.cdiv(dim, cfg["BLOCK_DO"]))
     _infonce_bwd_kernel[grid](
         a, v, tau, grad_out, row_lse2, col_lse_arg, d_a, d_v,
@@ -373,7 +392,7 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
         stride_as, a.stride(-2), v.stride(0), v.stride(1), stride_das, d_a.stride(-2), d_v.stride(0), d_v.stride(1),
         SYMMETRIC=symmetric, DA_ATOMIC=BWD_DA_ATOMIC, PRECISION=precision, **cfg)
     if not BWD_DA_ATOMIC:
-        cfg = _config(dim, "bwd_rows")
+        cfg = _config(dim, "bwd_rows", precision)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), n_scales, triton.cdiv(dim, cfg["BLOCK_DO"]))
         _infonce_bwd_rows_kernel[grid](
             a, v, tau, grad_out, row_lse2, col_lse_arg, d_a,
