@@ -24,9 +24,10 @@ demo: $(STAMP)
 
 # The CUDA sources must keep compiling even where torch is a CPU build: csrc/cuda/*.cu include no torch headers,
 # so nvcc compiles them alone, for the archs setup.py builds (8.0 and 9.0) and with the half-type macros torch's
-# extension builds define (no implicit __half/__nv_bfloat16 conversions).
+# extension builds define (no implicit __half/__nv_bfloat16 conversions); a register spill fails the check.
 NVCC_CHECK_FLAGS := -std=c++17 -Icsrc -Xcompiler -Wall -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+	-Xptxas --warn-on-spills,--warning-as-error
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*.cu >/dev/null 2>&1; then \
 		out=$$(mktemp -d); \
