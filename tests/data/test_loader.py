@@ -108,6 +108,18 @@ def test_abandoned_iteration_then_a_new_one_with_persistent_workers():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_dataset_error_reaches_the_caller_with_its_message(workers):
-    loader = SharedBatchLoader(Scenes(n=12, bad_at=9), 4, num_workers=workers)
+    # not persistent: the loader shuts its worker down on the error (a persistent worker whose iteration died waits
+    # for the garbage collector, which then spends PyTorch's 5 s join timeout on it)
+    loader = SharedBatchLoader(Scenes(n=12, bad_at=9), 4, num_workers=workers, persistent_workers=False)
     with pytest.raises(ValueError, match="patch P009: band B05 is missing"):
         list(loader)
+
+
+def test_the_engines_endless_loader_follows_the_seeded_stream_with_a_worker():
+    from mmfuse_fast.engine.data import build_loader, epoch_order
+
+    data = Scenes(n=10)
+    stream = [int(i) for epoch in range(4) for i in epoch_order(10, 7, epoch)]
+    batches = iter(build_loader(data, 4, seed=7, start=6, num_workers=1))
+    ids = [pid for _ in range(6) for pid in next(batches)["id"]]  # 24 samples across three epoch boundaries
+    assert ids == [f"P{i:03d}" for i in stream[6:30]]
