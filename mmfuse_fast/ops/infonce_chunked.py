@@ -164,8 +164,9 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 chunk_lse = chunk_max.squeeze(-1) + col_sum.log()
                 # A column whose entries in this chunk all lie ≳ 70 nats below the chunk's maximum loses precision
                 # (e^-70 times fp32 epsilon): recompute such chunks exactly. On CPU the test costs nothing; on
-                # other devices (fallback path only) the exact form is always used, which needs no host sync.
-                if not logits.is_cpu or bool((col_sum < tiny).any()):
+                # other devices (fallback path only) and under torch.compile (a data-dependent branch breaks the
+                # graph) the exact form is always used, which needs no host sync.
+                if not logits.is_cpu or torch.compiler.is_compiling() or bool((col_sum < tiny).any()):
                     chunk_lse = torch.logsumexp(logits, dim=1)
                 torch.logaddexp(col_part, chunk_lse, out=col_part)
             del logits, probs

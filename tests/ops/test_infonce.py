@@ -109,6 +109,16 @@ def test_chunked_fp32_matches_reference(case):
     _check_fp32(_chunked_small, case)
 
 
+def test_chunked_compiles_without_graph_breaks():
+    """The engine's --compile traces the loss: the chunked path must not branch on tensor values."""
+    anchors, views = _inputs(2, 40, 16, False, torch.float32, device="cpu")
+    compiled = torch.compile(lambda a, v: _chunked_small(a, v, 0.1, True), fullgraph=True, backend="aot_eager")
+    got = _run(lambda a, v, t, s: compiled(a, v), anchors, views, 0.1, True)
+    want = _run(multiscale_infonce_reference, anchors, views, 0.1, True)
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def _check_low_precision(fn, case, dtype):
     """SPEC §4: error vs the fp32 reference ≤ 2x the error of the same-dtype PyTorch reference (+ a tiny floor)."""
     n_scales, batch, dim, shared, symmetric, tkind = case
