@@ -11,8 +11,9 @@ shared memory is checked against the chip's limit. Nothing is launched and no ou
 
 Exit status 1 when a kernel fails to compile, when a fixed-configuration launch needs more shared memory than the
 chip has or (with --resources) spills registers, or when no configuration of an autotuned launch fits (the
-autotuner skips configurations that do not fit, and may well pick one that spills if it is still the fastest). It must run in a process that imported Triton without TRITON_INTERPRET: the interpreter replaces the
-compiler when that variable is set at import.
+autotuner skips configurations that do not fit, and may well pick one that spills if it is still the fastest).
+It must run in a process that imported Triton without TRITON_INTERPRET: the interpreter replaces the compiler
+when that variable is set at import.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Compiled:
     seconds: float = 0.0
     error: str | None = None
     resources: dict = field(default_factory=dict)  # registers / spills from cuobjdump, with --resources
+    cubin: bytes | None = field(default=None, repr=False)  # dropped once the resources are read
 
     @property
     def fits(self) -> bool:
@@ -80,9 +82,10 @@ _META = re.compile(r"^[A-Z_0-9]+$|^num_")
 
 
 @contextlib.contextmanager
-def compile_only(arch: int) -> Iterator[list[Compiled]]:
+def compile_only(arch: int, resources: bool = False) -> Iterator[list[Compiled]]:
     """Within the block, `kernel[grid](...)` compiles for `arch` instead of launching, and an autotuned kernel
-    compiles every configuration left after its pruning. Yields the list the compiles are recorded in."""
+    compiles every configuration left after its pruning. Yields the list the compiles are recorded in (with each
+    cubin when `resources`)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -98,7 +101,7 @@ def compile_only(arch: int) -> Iterator[list[Compiled]]:
         try:
             kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
             record.shared = int(kernel.metadata.shared)
-            record.cubin = kernel.asm.get("cubin")
+            record.cubin = kernel.asm.get("cubin") if resources else None
         except Exception as error:  # a compile failure is the finding, not a reason to stop
             record.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
         record.seconds = time.perf_counter() - start
@@ -197,7 +200,7 @@ def _infonce_launches(case: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resource_usage(cubin: bytes, arch: int) -> dict:
+def resource_usage(cubin: bytes) -> dict:
     """Registers, spill stores/loads and stack of a cubin, read by the cuobjdump Triton ships (empty if absent)."""
     from triton.backends.nvidia import compiler as nvidia
 
@@ -234,16 +237,15 @@ def run_checks(archs: list[int], quick: bool, resources: bool = False) -> list[C
         raise RuntimeError("compile_check needs Triton's compiler: unset TRITON_INTERPRET and use a fresh process")
     records: list[Compiled] = []
     for arch in archs:
-        with compile_only(arch) as compiled:
+        with compile_only(arch, resources) as compiled:
             for case in attention_cases(quick):
                 _attention_launches(case)
             for case in infonce_cases(quick):
                 _infonce_launches(case)
         records += compiled
     for r in records:
-        cubin = r.__dict__.pop("cubin", None)
-        if resources and cubin:
-            r.resources = resource_usage(cubin, r.arch)
+        if r.cubin:
+            r.resources, r.cubin = resource_usage(r.cubin), None
     return records
 
 
@@ -253,8 +255,9 @@ def summary(records: list[Compiled]) -> str:
         group = [r for r in records if (r.kernel, r.arch) == (kernel, arch)]
         ok = [r for r in group if r.error is None]
         over = [r for r in ok if not r.fits]
-        line = (f"{kernel:28s} sm_{arch}: {len(ok)}/{len(group)} compiled, shared {min((r.shared for r in ok), default=0)}"
-                f"-{max((r.shared for r in ok), default=0)} B, {len(over)} over the {SHARED_LIMIT[arch]} B limit")
+        shared = [r.shared for r in ok] or [0]
+        line = (f"{kernel:28s} sm_{arch}: {len(ok)}/{len(group)} compiled, shared {min(shared)}-{max(shared)} B, "
+                f"{len(over)} over the {SHARED_LIMIT[arch]} B limit")
         spills = [r for r in ok if r.spills]
         if any(r.resources for r in ok):
             line += f", registers <= {max(r.resources.get('reg', 0) for r in ok)}, {len(spills)} spilling"
