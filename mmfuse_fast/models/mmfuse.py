@@ -28,18 +28,13 @@ from mmfuse_fast.models.layers import (Block, CrossBlock, ModalityTokenizer, ini
 from mmfuse_fast.models.registry import register_model
 
 
-def random_masking(n_tokens: int, n_keep: int, batch: int, device, generator=None, shard: tuple[int, int] = (0, 1)):
-    """MAE masking with a static kept count: (ids_keep (B, n), mask (B, N) 1 = masked, ids_restore (B, N)).
-
-    `shard` = (rank, world): the noise is drawn for the global batch of world * B rows and this rank's rows are
-    kept, so a data-parallel run masks exactly as one process on the global batch would."""
-    rank, world = shard
-    noise = torch.rand(batch * world, n_tokens, device=device, generator=generator)
-    if world > 1:
-        noise = noise[rank * batch:(rank + 1) * batch]
+def random_masking(noise: torch.Tensor, n_keep: int):
+    """MAE masking with a static kept count, from (B, N) uniform noise: (ids_keep (B, n), mask (B, N) 1 = masked,
+    ids_restore (B, N))."""
+    batch, n_tokens = noise.shape
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first n_keep are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, n_tokens, device=device)
+    mask = torch.ones(batch, n_tokens, device=noise.device)
     mask[:, :n_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # back to patch order
     return ids_shuffle[:, :n_keep], mask, ids_restore
@@ -208,16 +203,37 @@ class MMFuseMAE(nn.Module):
     def tokenize(self, imgs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.tokenizers[m](x) for m, x in imgs.items()}  # {m: (B, N, D)}
 
-    def mask(self, tokens: dict[str, torch.Tensor], generator=None):
-        """Keeps n_keep random tokens per modality (the same positions in all of them with consistent_mask)."""
-        any_x = next(iter(tokens.values()))
-        b, device = any_x.shape[0], any_x.device
+    @torch.compiler.disable  # dynamo cannot trace a draw from an explicit torch.Generator: one break, up front
+    def draw_noise(self, batch: int, device, generator=None) -> dict[str, torch.Tensor]:
+        """Every random number of one forward pass, drawn first so the stages after it are pure functions.
+
+        {"mask": (draws, B, N) masking noise (one draw per modality, or one shared with consistent_mask),
+        "boxes": (B, 4) crop boxes, one per scene and shared by its modalities, "crop_mask": the masking noise of
+        the crops}; the last two only with the contrastive branch. Drawn for the global batch of world * B rows and
+        sliced to this rank's rows (`shard` = (rank, world)), so a data-parallel run draws exactly what one process
+        on the global batch would."""
+        rank, world = self._shard
+        mine = slice(rank * batch, (rank + 1) * batch)
+        draws = 1 if self.cfg.consistent_mask else len(self.modalities)
+
+        def mask_noise():
+            return torch.stack([torch.rand(batch * world, self.num_patches, device=device, generator=generator)[mine]
+                                for _ in range(draws)])
+
+        noise = {"mask": mask_noise()}
+        if self.cfg.contrastive:
+            size = self.img_size
+            noise["boxes"] = ops.random_boxes(batch * world, size, size, scale=tuple(self.cfg.crop_scale),
+                                              generator=generator, device=device)[mine]
+            noise["crop_mask"] = mask_noise()
+        return noise
+
+    def mask(self, tokens: dict[str, torch.Tensor], noise: torch.Tensor):
+        """Keeps n_keep random tokens per modality (the same positions in all of them with consistent_mask);
+        `noise` (draws, B, N) from `draw_noise`."""
         visible, masks, restores = {}, {}, {}
-        shared = None
-        for m, x in tokens.items():
-            if shared is None or not self.cfg.consistent_mask:
-                shared = random_masking(self.num_patches, self.n_keep, b, device, generator, self._shard)
-            ids_keep, masks[m], restores[m] = shared
+        for i, (m, x) in enumerate(tokens.items()):
+            ids_keep, masks[m], restores[m] = random_masking(noise[min(i, len(noise) - 1)], self.n_keep)
             visible[m] = gather_tokens(x, ids_keep)  # (B, n, D)
         return visible, masks, restores
 
@@ -253,17 +269,11 @@ class MMFuseMAE(nn.Module):
         loss = ((pred.float() - target) ** 2).mean(-1)  # (B, N)
         return (loss * mask).sum() / mask.sum()  # masked patches only
 
-    def contrastive_loss(self, imgs: dict[str, torch.Tensor], latent: dict[str, torch.Tensor], generator=None):
+    def contrastive_loss(self, imgs: dict[str, torch.Tensor], latent: dict[str, torch.Tensor], noise: dict):
         """Cross-scale InfoNCE between the (masked) full view and a masked random crop of the same scene."""
-        any_x = next(iter(imgs.values()))
-        b, _, h, w = any_x.shape
-        rank, world = self._shard  # boxes drawn for the global batch, this rank's rows kept
-        boxes = ops.random_boxes(b * world, h, w, scale=tuple(self.cfg.crop_scale), generator=generator,
-                                 device=any_x.device)  # (B, 4): one box per scene, shared by its modalities
-        if world > 1:
-            boxes = boxes[rank * b:(rank + 1) * b]
-        crops = {m: ops.crop_resize(x, boxes, (h, w)) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
-        crop_visible, _, _ = self.mask(self.tokenize(crops), generator)
+        _, _, h, w = next(iter(imgs.values())).shape
+        crops = {m: ops.crop_resize(x, noise["boxes"], (h, w)) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
+        crop_visible, _, _ = self.mask(self.tokenize(crops), noise["crop_mask"])
         crop_latent = self.encode_tokens(crop_visible)
 
         def embed(feats):  # (M, B, P), mean over the modality's tokens, projected, L2-normalized
@@ -278,12 +288,14 @@ class MMFuseMAE(nn.Module):
 
     def forward(self, batch, generator: torch.Generator | None = None) -> dict:
         imgs = self.check_batch(batch, self.modalities)  # {m: (B, C_m, H, W)}
-        visible, mask, restores = self.mask(self.tokenize(imgs), generator)  # {m: (B, n, D)}, {m: (B, N)}
+        any_x = next(iter(imgs.values()))
+        noise = self.draw_noise(any_x.shape[0], any_x.device, generator)
+        visible, mask, restores = self.mask(self.tokenize(imgs), noise["mask"])  # {m: (B, n, D)}, {m: (B, N)}
         latent = self.encode_tokens(visible)  # {m: (B, n, D)}
         pred = self.decode(latent, restores)  # {m: (B, N, p*p*C_m)}
         loss_rec = torch.stack([self.reconstruction_loss(m, imgs[m], pred[m], mask[m]) for m in imgs]).mean()
         if self.cfg.contrastive:
-            loss_con = self.contrastive_loss(imgs, latent, generator)
+            loss_con = self.contrastive_loss(imgs, latent, noise)
         else:
             loss_con = loss_rec.new_zeros(())
         loss = loss_rec + self.cfg.contrastive_weight * loss_con

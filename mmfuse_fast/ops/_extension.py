@@ -25,6 +25,7 @@ else:
 AVAILABLE = _C is not None
 
 
+@torch.compiler.assume_constant_result  # fixed once the extension is loaded: torch.compile evaluates it while tracing
 def has_kernel(op: str, device_type: str) -> bool:
     """True when `torch.ops.mmfuse.<op>` has a kernel for this device type ("cpu", "cuda")."""
     if not AVAILABLE:

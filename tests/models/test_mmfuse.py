@@ -52,6 +52,14 @@ def test_generator_makes_forward_reproducible():
     assert not torch.equal(a["mask"]["s2"], c["mask"]["s2"])
 
 
+def test_forward_traces_as_one_graph():
+    """`--compile`: the random draws run eagerly first (draw_noise), everything after them is one graph."""
+    cfg = small_cfg()
+    explained = torch._dynamo.explain(build())(random_batch(cfg), generator=torch.Generator().manual_seed(0))
+    assert explained.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_every_parameter_gets_a_gradient():
     model = build()
     run(model, random_batch(small_cfg()))["loss"].backward()
