@@ -28,6 +28,8 @@ recomputed from qk and the saved LSEs):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -409,6 +411,37 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
 # --------------------------------------------------------------------------------------------------------------
 
 
+# The launchers as custom ops: torch.compile traces them through their fakes instead of into the launch code.
+
+
+@torch.library.custom_op("mmfuse_fast::infonce_fwd", mutates_args=())
+def infonce_fwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, ref2: Optional[torch.Tensor],
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row LSE (S, b), per-column sums relative to `ref2` (S, B_cols); empty when not symmetric), log2 units."""
+    row_lse2, _, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
+    return row_lse2, col_sum if symmetric else row_lse2.new_empty(0)
+
+
+@infonce_fwd.register_fake
+def _(a, v, tau, ref2, symmetric):
+    n_scales, n_cols, _ = v.shape
+    return (v.new_empty((n_scales, a.shape[-2]), dtype=torch.float32),
+            v.new_empty((n_scales, n_cols) if symmetric else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("mmfuse_fast::infonce_bwd", mutates_args=())
+def infonce_bwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, grad_out: torch.Tensor, row_lse2: torch.Tensor,
+                col_lse2: torch.Tensor, row_offset: int, coef: float,
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA in fp32, shaped like `a`; dV in v's dtype)."""
+    return _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, symmetric)
+
+
+@infonce_bwd.register_fake
+def _(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, symmetric):
+    return a.new_empty(a.shape, dtype=torch.float32), torch.empty_like(v)
+
+
 class _TritonInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, cols, temperature, temp_value, symmetric, row_offset, n_global, group):
@@ -426,10 +459,10 @@ class _TritonInfoNCE(torch.autograd.Function):
         if symmetric:
             pos_all = all_gather_nograd(pos, group, 1) if group is not None else pos
             ref2 = ((pos_all + REF_MARGIN) * LOG2E).contiguous()
-        row_lse2, col_m2, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
+        row_lse2, col_sum = torch.ops.mmfuse_fast.infonce_fwd(a, v, tau, ref2, symmetric)
         col_lse2 = row_lse2  # placeholder saved when not symmetric
         if symmetric:
-            col_lse2 = merge_partial_lse(col_m2 + torch.log2(col_sum), group, base2=True).contiguous()
+            col_lse2 = merge_partial_lse(ref2 + torch.log2(col_sum), group, base2=True).contiguous()
         loss = assemble_loss(row_lse2 * LN2, col_lse2 * LN2 if symmetric else None, pos, symmetric, row_offset,
                              n_global, group)
 
@@ -447,7 +480,8 @@ class _TritonInfoNCE(torch.autograd.Function):
         n_scales = v.shape[0]
         coef = loss_scale(n_scales, ctx.n_global, ctx.symmetric)
         grad_out = grad_out.to(torch.float32).contiguous()
-        d_a, d_v = _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, ctx.row_offset, coef, ctx.symmetric)
+        d_a, d_v = torch.ops.mmfuse_fast.infonce_bwd(a, v, tau, grad_out, row_lse2, col_lse2, ctx.row_offset, coef,
+                                                     ctx.symmetric)
         d_anchors, d_cols, d_tau = finish_grads(ctx, d_a, d_v, a.float() if ctx.tau_needs_grad else a, 1.0 / tau,
                                                 ctx.tau_needs_grad)
         return d_anchors, d_cols, d_tau, None, None, None, None, None

@@ -119,6 +119,34 @@ def test_chunked_compiles_without_graph_breaks():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@needs_triton
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_triton_compiles_without_graph_breaks(symmetric):
+    """The launchers are custom ops with fakes: torch.compile(fullgraph=True) traces the Triton loss."""
+    anchors, views = _inputs(2, 40, 16, True, torch.float32)
+    compiled = torch.compile(lambda a, v: _triton(a, v, 0.1, symmetric), fullgraph=True, backend="aot_eager")
+    got = _run(lambda a, v, t, s: compiled(a, v), anchors, views, 0.1, symmetric)
+    want = _run(multiscale_infonce_reference, anchors, views, 0.1, symmetric)
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_triton_custom_ops_opcheck():
+    """Schemas, fakes and AOT dispatch of the two launcher ops."""
+    a, v = _inputs(2, 9, 16, False, torch.float32)
+    tau = torch.tensor(0.1, device=DEVICE)
+    ref2 = torch.zeros(2, 9, device=DEVICE)
+    for symmetric in (True, False):
+        result = torch.library.opcheck(torch.ops.mmfuse_fast.infonce_fwd.default,
+                                       (a, v, tau, ref2 if symmetric else None, symmetric))
+        assert set(result.values()) == {"SUCCESS"}, result
+    lse = torch.zeros(2, 9, device=DEVICE)
+    result = torch.library.opcheck(torch.ops.mmfuse_fast.infonce_bwd.default,
+                                   (a, v, tau, torch.ones((), device=DEVICE), lse, lse, 0, 0.5, True))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 def _check_low_precision(fn, case, dtype):
     """SPEC §4: error vs the fp32 reference ≤ 2x the error of the same-dtype PyTorch reference (+ a tiny floor)."""
     n_scales, batch, dim, shared, symmetric, tkind = case
