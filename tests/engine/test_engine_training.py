@@ -88,6 +88,22 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_overrides, synthetic, m
         pretrain(changed, tmp_path / "b", resume=True, dataset=data, progress=False)
 
 
+def test_compiled_pretraining_follows_the_eager_run(tmp_path, tiny_overrides, synthetic, monkeypatch):
+    """train.compile: the model traced by torch.compile trains like the eager one, checkpoint keys unchanged.
+    The aot_eager backend keeps the traced graph and its autograd but skips inductor's C++ build (~100 s here)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        cfg = _cfg(tiny_overrides, "model.ops_backend=auto", "train.steps=4", "train.log_every=1",
+                   f"train.compile={str(compiled).lower()}")
+        pretrain(cfg, tmp_path / str(compiled), dataset=synthetic(n=8), progress=False)
+        runs[compiled] = [r["loss"] for r in read_metrics(tmp_path / str(compiled))]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+    assert _weights(tmp_path / "True").keys() == _weights(tmp_path / "False").keys()
+
+
 def test_non_finite_loss_names_the_step(tmp_path, tiny_overrides, synthetic):
     cfg = _cfg(tiny_overrides, "train.steps=4", "train.batch_size=1", "train.log_every=4",
                "train.checkpoint_every=4", "data.splits=[train]", "train.max_bad_steps=1")
