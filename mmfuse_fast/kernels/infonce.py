@@ -348,7 +348,7 @@ def _config(dim: int, kind: str, precision: str = "tf32") -> dict:
 
 
 def _launch_forward(a, v, tau, ref2, symmetric):
-    """Row LSE (log2 units) and, when symmetric, the per-column partial (max, sum) in log2 units."""
+    """(row LSE, per-column sums relative to `ref2` or None when not symmetric), in log2 units."""
     n_scales, n_cols, dim = v.shape
     n_rows = a.shape[-2]
     stride_as = 0 if a.dim() == 2 else a.stride(0)
@@ -363,14 +363,14 @@ def _launch_forward(a, v, tau, ref2, symmetric):
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
         SYMMETRIC=symmetric, PRECISION=precision, **cfg)
     if not symmetric:
-        return row_lse2, None, None
+        return row_lse2, None
     cfg = _config(dim, "repair", precision)
     grid = (triton.cdiv(n_cols, cfg["BLOCK_N"]), n_scales)
     _infonce_col_repair_kernel[grid](
         a, v, tau, ref2, col_sum, n_rows, n_cols, dim,
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
         PRECISION=precision, **cfg)
-    return row_lse2, ref2, col_sum
+    return row_lse2, col_sum
 
 
 def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, symmetric):
@@ -418,7 +418,7 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
 def infonce_fwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, ref2: Optional[torch.Tensor],
                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(row LSE (S, b), per-column sums relative to `ref2` (S, B_cols); empty when not symmetric), log2 units."""
-    row_lse2, _, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
+    row_lse2, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
     return row_lse2, col_sum if symmetric else row_lse2.new_empty(0)
 
 

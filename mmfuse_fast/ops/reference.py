@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 def segment_ids(segments: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """For each token of a concatenation of sets: (index of its set, position inside its set)."""
+    total = int(sum(segments))
     lengths = torch.tensor(list(segments), dtype=torch.long, device=device)
     # output_size: the length is static, so torch.compile sees no data-dependent shape here
-    ids = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths, output_size=int(sum(segments)))
+    ids = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths, output_size=total)
     starts = torch.cumsum(lengths, 0) - lengths
-    positions = torch.arange(int(sum(segments)), device=device) - starts[ids]
+    positions = torch.arange(total, device=device) - starts[ids]
     return ids, positions
 
 

@@ -1,23 +1,19 @@
 """`multiscale_infonce`: Triton (fused) and chunked PyTorch backends against the naive reference (SPEC §2, §4).
 
-On a CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set below before triton is imported):
-fp32 and fp16, small shapes. bf16 and timings are GPU-only (`@pytest.mark.gpu`).
+On a CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton
+is imported): fp32 and fp16, small shapes. bf16 and timings are GPU-only (`@pytest.mark.gpu`).
 """
 
 import os
 import socket
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from mmfuse_fast.ops import _backend, multiscale_infonce  # noqa: E402
-from mmfuse_fast.ops.infonce_chunked import multiscale_infonce_chunked  # noqa: E402
-from mmfuse_fast.ops.reference import multiscale_infonce_reference  # noqa: E402
+from mmfuse_fast.ops import _backend, multiscale_infonce
+from mmfuse_fast.ops.infonce_chunked import multiscale_infonce_chunked
+from mmfuse_fast.ops.reference import multiscale_infonce_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = _backend.triton_available() and (DEVICE == "cuda" or _backend.triton_interpreted())

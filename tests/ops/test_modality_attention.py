@@ -1,18 +1,14 @@
 """Triton backend of `modality_attention` against the reference (SPEC §2, §4).
 
-On a CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before triton is imported):
-fp32 and fp16, tiny shapes. bf16, the model path, CUDA graphs and timings are GPU-only (`@pytest.mark.gpu`).
+On a CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+imported): fp32 and fp16, tiny shapes. bf16, the model path, CUDA graphs and timings are GPU-only (`@pytest.mark.gpu`).
 """
 
 import os
 import zlib
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
