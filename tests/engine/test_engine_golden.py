@@ -1,0 +1,39 @@
+"""The engine's numbers for fixed seeds do not move: pretraining, linear-probe and full fine-tuning trajectories
+against `golden_numbers.json` (recorded by `_golden.py`)."""
+
+import json
+
+import pytest
+
+from _golden import GOLDEN, run
+
+
+@pytest.fixture(scope="module")
+def numbers(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("golden"))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(GOLDEN.read_text())
+
+
+def _close(ours, theirs, rel):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=0), (k, a, b)
+
+
+def test_pretraining_trajectory_is_unchanged(numbers, golden):
+    # Bit-identical: the same ops in the same order on one CPU thread.
+    assert numbers["pretrain"] == golden["pretrain"]
+
+
+def test_probe_and_finetune_trajectories_are_unchanged(numbers, golden):
+    # Equal to 1e-6 relative: only the gradient norm's and the optimizer's float sums may be reassociated.
+    _close(numbers["probe"], golden["probe"], 1e-6)
+    _close(numbers["full"], golden["full"], 1e-6)
+    for k, v in golden["probe_eval"].items():
+        assert numbers["probe_eval"][k] == pytest.approx(v, rel=1e-6)
