@@ -16,14 +16,12 @@ from typing import Any
 
 import yaml
 
+from mmfuse_fast.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 S1_BANDS = ("VV", "VH")
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown or its value has the wrong type or range."""
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mmfuse_fast.errors import BigEarthNetDataError
+
 from .bands import PATCH_SIZE_PX, band_mean_std, native_size_px, resolve_bands, resolve_modalities
 
 # The 19-class nomenclature of Sumbul et al. 2021 ("BigEarthNet-MM", IEEE GRSM), in the paper's order. This order
@@ -116,10 +118,6 @@ CORINE_43_TO_19: dict[str, str | None] = {
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-
-
-class BigEarthNetDataError(ValueError):
-    """A sample or its metadata is unusable; the message names the patch and the problem."""
 
 
 def label_key(name: str) -> str:

@@ -16,6 +16,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mmfuse_fast.errors import FetchError
+
 WHEEL_REQUIREMENT = "configilm==0.7.1"
 WHEEL_SHA256 = "54e8c2424c55bb4e68dfda07593e155e9ecfa6c60b50585c4b378076934cf5e3"
 WHEEL_SAMPLE_PREFIX = "configilm/extra/mock_data/BENv2/"
@@ -28,10 +30,6 @@ SAMPLE_FILES = (
 SAMPLE_DIR_NAME = "bigearthnet-v2-sample"
 ROOT_ENV_VAR = "MMFUSE_BEN_V2_ROOT"
 CACHE_ENV_VAR = "MMFUSE_CACHE"
-
-
-class FetchError(RuntimeError):
-    """The sample could not be downloaded or did not verify."""
 
 
 def default_cache_dir() -> Path:

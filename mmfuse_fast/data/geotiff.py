@@ -19,14 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .bigearthnet import BigEarthNetDataError, SkipBadSamples
+from mmfuse_fast.errors import DataFileError
+
+from .bigearthnet import SkipBadSamples
 
 __all__ = ["DataFileError", "RasterInfo", "read_raster", "raster_info", "resample", "check_same_grid",
            "RasterDataset", "default_band_names", "read_stats_csv"]
-
-
-class DataFileError(BigEarthNetDataError):
-    """A data file is missing, corrupt or inconsistent with the others of its sample; the message names it."""
 
 
 @dataclass

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmfuse_fast.errors import PackError
+
 from .bigearthnet import BIGEARTHNET_CLASSES, METADATA_FILE, shared_lmdb_env
 from .geotiff import DataFileError, RasterDataset
 
@@ -41,10 +43,6 @@ FORMATS = ("bigearthnet_v1", "sen12ms", "seg_tiles")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.jsonl"
 PACK_VERSION = 1
-
-
-class PackError(RuntimeError):
-    """A pack is incomplete, fails verification, or the output folder holds something else."""
 
 
 def _sha(blob: bytes) -> str:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmfuse_fast.config import to_dict
+from mmfuse_fast.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"
@@ -54,10 +55,6 @@ __all__ = [
     "rng_state",
     "set_rng_state",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match the model or config."""
 
 
 @dataclass

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmfuse_fast.errors import NonFiniteLossError
+
 METRICS_NAME = "metrics.jsonl"
 
 __all__ = ["LoggingConfig", "MetricLogger", "NonFiniteLossError", "read_metrics", "truncate_metrics"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass

@@ -10,12 +10,9 @@ import numpy as np
 import torch
 
 from mmfuse_fast.engine.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from mmfuse_fast.errors import RunDirError
 
 __all__ = ["RunDirError", "resolve_device", "seed_everything", "prepare_run_dir"]
-
-
-class RunDirError(RuntimeError):
-    """The run directory holds a previous run (and resume was not asked for), or cannot be used."""
 
 
 def resolve_device(name: str) -> torch.device:
