@@ -4,7 +4,7 @@
     python benchmarks/bench_train_step.py --configs tiny small base        # on a GPU (adds --compile rows there)
 
 Rows per config:
-  reference      `engine.pretrain.train_step`: model with ops_backend=reference, fp32, foreach AdamW, eager
+  reference      `benchmarks/reference_step.py`: model with ops_backend=reference, fp32, foreach AdamW, eager
   engine         `engine.step.TrainStep`: fast ops (ops_backend=auto), AMP (bf16 on CUDA, fp32 on the CPU),
                  fused AdamW, the whole step as a CUDA graph on CUDA (eager on the CPU), batch from pinned memory
   engine+compile the same with torch.compile(model) (default on CUDA; on the CPU only with --compile)
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _util import append_rows, device_name, measure_interleaved, result_row  # noqa: E402
+from reference_step import reference_optimizer, reference_train_step  # noqa: E402
 
 from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
 from mmfuse_fast.engine.observe import peak_tflops  # noqa: E402
-from mmfuse_fast.engine.optim import build_optimizer, lr_at, set_lr  # noqa: E402
-from mmfuse_fast.engine.pretrain import train_step  # noqa: E402
+from mmfuse_fast.engine.optim import build_optimizer  # noqa: E402
 from mmfuse_fast.engine.step import TrainStep, resolve_amp  # noqa: E402
 from mmfuse_fast.models import build_model  # noqa: E402
 
@@ -49,7 +49,7 @@ def reference_step(cfg, batch_cpu, device):
     cfg.model.ops_backend = "reference"
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
-    opt = build_optimizer(model, cfg.optim)  # plain (foreach) AdamW, as a user would write it
+    opt = reference_optimizer(model, cfg.optim)  # plain AdamW, as a user would write it
     if device.type == "cuda":
         opt = torch.optim.AdamW(opt.param_groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     gen = torch.Generator(device).manual_seed(0)
@@ -57,8 +57,7 @@ def reference_step(cfg, batch_cpu, device):
     state = {"step": 0}
 
     def fn():
-        set_lr(opt, lr_at(state["step"], cfg.optim, 10**6))
-        train_step(model, batch, opt, cfg.optim.grad_clip, gen)
+        reference_train_step(model, batch, opt, cfg.optim, state["step"], 10**6, gen)
         state["step"] += 1
 
     return fn, model.flops_per_sample()
@@ -70,10 +69,9 @@ def engine_step(cfg, batch_cpu, device, compile_: bool):
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
     flops = model.flops_per_sample()
-    opt = build_optimizer(model, cfg.optim, device, engine=True)
+    opt = build_optimizer(model, cfg.optim, device)
     net = torch.compile(model) if compile_ else model
-    step = TrainStep(net, opt, device=device, optim_cfg=cfg.optim, total_steps=10**6,
-                     modalities=cfg.model.modalities, contrastive_weight=cfg.model.contrastive_weight,
+    step = TrainStep(net, opt, device=device, optim_cfg=cfg.optim, total_steps=10**6, model=model,
                      amp=cfg.train.amp, cuda_graph=device.type == "cuda",
                      generator=torch.Generator(device).manual_seed(0))
     return lambda: step([batch_cpu]), flops

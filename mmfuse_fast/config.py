@@ -12,7 +12,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -34,13 +34,60 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+# --- model sections: one config class per registered model ------------------------------------------------------
+
+MODEL_CONFIGS: dict[str, type] = {}
+
+
+def register_model_config(name: str):
+    """Class decorator: the `model` section of a config whose `model.name` is `name` is validated against this
+    dataclass (a subclass of BaseModelConfig), so every model brings its own keys."""
+
+    def wrap(cls):
+        if name in MODEL_CONFIGS and MODEL_CONFIGS[name] is not cls:
+            raise ValueError(f"a model config is already registered as {name!r}: {MODEL_CONFIGS[name].__qualname__}")
+        MODEL_CONFIGS[name] = cls
+        return cls
+
+    return wrap
+
+
+def model_config_class(name: str) -> type:
+    """The config class registered for `model.name` (importing the model registry if needed)."""
+    if name not in MODEL_CONFIGS:
+        import mmfuse_fast.models  # noqa: F401  (registers the built-in models and their configs)
+    require(name in MODEL_CONFIGS, "model.name", f"is {name!r}; known models: {', '.join(sorted(MODEL_CONFIGS))}")
+    return MODEL_CONFIGS[name]
+
+
 @dataclass
-class ModelConfig:
+class BaseModelConfig:
+    """Keys every model has: the backbone contract's input side (docs/architecture.md, Models)."""
+
     name: str = "mmfuse"  # key in mmfuse_fast.models.MODELS
     modalities: dict[str, list[str]] = field(default_factory=lambda: {"s1": list(S1_BANDS), "s2": list(S2_BANDS)})
     img_size: int = 120
     patch_size: int = 8  # 120 / 8 = 15 x 15 = 225 tokens per modality
     embed_dim: int = 192
+    ops_backend: str = "auto"  # auto | triton | reference
+
+    def __post_init__(self):
+        require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
+        for name, bands in self.modalities.items():
+            require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
+                     f"must list distinct band names; got {bands}")
+        require(self.patch_size >= 1, "model.patch_size", f"must be >= 1; got {self.patch_size}")
+        require(self.img_size >= self.patch_size and self.img_size % self.patch_size == 0, "model.patch_size",
+                 f"must divide model.img_size={self.img_size}; got {self.patch_size}")
+        require(self.embed_dim >= 1, "model.embed_dim", f"must be >= 1; got {self.embed_dim}")
+        _one_of(self.ops_backend, ("auto", "triton", "reference"), "model.ops_backend")
+
+
+@register_model_config("mmfuse")
+@dataclass
+class ModelConfig(BaseModelConfig):
+    """The paper's model (mmfuse_fast/models/mmfuse.py)."""
+
     num_heads: int = 3
     stem_depth: int = 1  # per-modality blocks before fusion
     caf_depth: int = 1  # cross-attention fusion blocks
@@ -59,23 +106,21 @@ class ModelConfig:
     contrastive_weight: float = 0.5  # lambda
     temperature: float = 0.1
     proj_dim: int = 128
-    ops_backend: str = "auto"  # auto | triton | reference
 
     def __post_init__(self):
-        require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
-        for name, bands in self.modalities.items():
-            require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
-                     f"must list distinct band names; got {bands}")
-        require(self.img_size % self.patch_size == 0, "model.patch_size",
-                 f"must divide model.img_size={self.img_size}; got {self.patch_size}")
+        super().__post_init__()
+        require(self.num_heads >= 1 and self.decoder_heads >= 1, "model.num_heads",
+                 "and model.decoder_heads must be >= 1")
         require(self.embed_dim % self.num_heads == 0, "model.num_heads", f"must divide embed_dim={self.embed_dim}")
         require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
                  f"must divide decoder_dim={self.decoder_dim}")
         require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1); got {self.mask_ratio}")
+        n_tokens = (self.img_size // self.patch_size) ** 2
+        require(int(n_tokens * (1 - self.mask_ratio)) >= 1, "model.mask_ratio",
+                 f"{self.mask_ratio} keeps no token of the {n_tokens} per modality")
         require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
                  "model.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1; got {self.crop_scale}")
         require(self.temperature > 0, "model.temperature", "must be positive")
-        _one_of(self.ops_backend, ("auto", "triton", "reference"), "model.ops_backend")
 
 
 @dataclass
@@ -109,6 +154,7 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr: float = 0.0
     grad_clip: float = 1.0
+    weight_decay_end: Optional[float] = None  # cosine schedule weight_decay -> this over the run; None: constant
 
 
 @dataclass
@@ -142,7 +188,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: BaseModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -152,7 +198,7 @@ class PretrainConfig:
 class FinetuneConfig:
     pretrained: str = ""  # pretraining run directory or checkpoint; empty trains from scratch
     task: str = "multilabel"  # multilabel (BigEarthNet) | scene (single-label, SEN12MS) | segmentation
-    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone when `pretrained` is empty
+    model: BaseModelConfig = field(default_factory=ModelConfig)  # the backbone when `pretrained` is empty
     seg_channels: int = 64  # segmentation: width of the FPN head
     eval_stride: int = 0  # segmentation: sliding-window stride in px for rasters larger than img_size (0: half)
     mode: str = "linear"  # linear (frozen encoder) | full
@@ -177,9 +223,18 @@ class FinetuneConfig:
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _check_value(value, inner, key)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        if issubclass(annotation, BaseModelConfig):  # validated against the config class of model.name
+            name = value.get("name", annotation.name)
+            require(isinstance(name, str), f"{key}.name", f"must be a string, got {name!r}")
+            annotation = model_config_class(name)
         return _from_dict(annotation, value, key + ".")
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
@@ -227,7 +282,10 @@ def _from_dict(cls, values: dict, prefix: str = ""):
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(names)})")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            # A partial section is laid over the section's own defaults.
+            # A partial section is laid over the section's own defaults (for a model section: the defaults of the
+            # model it names, which need not be the default model).
+            if isinstance(default, BaseModelConfig) and value.get("name", default.name) != default.name:
+                default = model_config_class(value["name"])()
             value = dataclasses.asdict(default) | value
         kwargs[key] = _check_value(value, hints[key], prefix + key)
     return cls(**kwargs)
@@ -295,7 +353,24 @@ def load_config(cls, config: str | Path | dict | None = None, overrides: list[st
     for text in overrides:
         key, value = parse_override(text)
         _set_path(values, key, value)
-    return from_dict(cls, values)
+    config = from_dict(cls, values)
+    config._given_keys = frozenset(_flat_keys(values))
+    return config
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "modalities":
+            out += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def given_keys(config) -> frozenset[str]:
+    """The dotted keys a config file or `--set` gave explicitly (empty for a config built in code)."""
+    return getattr(config, "_given_keys", frozenset())
 
 
 def _deep_copy(d):

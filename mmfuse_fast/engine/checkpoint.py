@@ -33,12 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmfuse_fast.config import to_dict
+from mmfuse_fast.engine.rundir import CHECKPOINT_DIR, LATEST_NAME, STATE_NAME, WEIGHTS_NAME
 from mmfuse_fast.errors import CheckpointError
 
-WEIGHTS_NAME = "model.safetensors"
-STATE_NAME = "train_state.pt"
-CHECKPOINT_DIR = "checkpoints"
-LATEST_NAME = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 __all__ = [
@@ -252,7 +249,9 @@ def config_hash(config) -> str:
 
     def strip(node, prefix=()):
         if isinstance(node, dict):
-            return {k: strip(v, prefix + (k,)) for k, v in sorted(node.items()) if prefix + (k,) not in _HASH_EXCLUDE}
+            # unset optional keys (None) are left out: adding one does not change the hash of existing runs
+            return {k: strip(v, prefix + (k,)) for k, v in sorted(node.items())
+                    if prefix + (k,) not in _HASH_EXCLUDE and v is not None}
         return node
 
     return hashlib.sha256(repr(strip(values)).encode()).hexdigest()[:16]

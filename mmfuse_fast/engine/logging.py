@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmfuse_fast.engine.rundir import METRICS_NAME
 from mmfuse_fast.errors import NonFiniteLossError
-
-METRICS_NAME = "metrics.jsonl"
 
 __all__ = ["LoggingConfig", "MetricLogger", "NonFiniteLossError", "read_metrics", "truncate_metrics"]
 

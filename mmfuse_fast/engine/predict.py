@@ -93,8 +93,8 @@ def predict(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] 
     `<name>_preview.png` into `out_dir` (name: the first input's file stem). Returns their paths and counts."""
     import rasterio
 
-    from mmfuse_fast.engine.evaluate import load_classifier
-    from mmfuse_fast.engine.finetune import read_task_info
+    from mmfuse_fast.engine.rundir import read_task_info
+    from mmfuse_fast.engine.tasks import load_classifier
     from mmfuse_fast.models.segmentation import sliding_window_logits
 
     model, run_dir, cfg = load_classifier(run_dir, device)

@@ -1,18 +1,15 @@
-"""Run directories, device choice and seeding, shared by the training entry points."""
+"""Device choice, seeding and the config checks that need the registries, shared by the entry points."""
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmfuse_fast.engine.checkpoint import CHECKPOINT_DIR, latest_checkpoint
-from mmfuse_fast.errors import RunDirError
+from mmfuse_fast.errors import ConfigError
 
-__all__ = ["RunDirError", "resolve_device", "seed_everything", "prepare_run_dir"]
+__all__ = ["resolve_device", "seed_everything", "validate_config"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,7 +18,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config key 'train.device' is {name!r} but CUDA is not available")
+        raise ConfigError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use train.device=auto or cpu")
     return device
 
 
@@ -29,28 +27,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> tuple[Path, Path | None]:
-    """Creates the run directory; returns (run_dir, checkpoint to resume from or None).
-
-    A directory that already holds a checkpoint is never overwritten: without `resume` that is an error. With
-    `resume` and no checkpoint yet, training starts from step 0."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} exists and is not a directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None and (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).iterdir()):
-        raise RunDirError(f"{run_dir / CHECKPOINT_DIR} holds files but no 'latest' pointer; move it away first")
-    if ckpt is not None and not resume:
-        raise RunDirError(
-            f"run directory {run_dir} already holds a checkpoint ({ckpt.name}); pass resume=True (--resume) to "
-            f"continue it, or choose another run directory"
-        )
-    if resume and ckpt is None:
-        print(f"note: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-    return run_dir, ckpt
 
 
 def validate_config(cfg) -> None:
@@ -71,3 +47,26 @@ def validate_config(cfg) -> None:
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers")
+
+def check_inputs(backbone, dataset, larger_ok: bool = False) -> None:
+    """Refuses, before training, a dataset whose samples do not fit the model (`model.img_size`, modalities, band
+    counts), naming the key and the sample. `larger_ok`: larger rasters are fine (segmentation crops them)."""
+    from mmfuse_fast.errors import DataError
+
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty: check data.root and data.splits")
+    sample = dataset[0]
+    name = sample.get("id", 0) if isinstance(sample, dict) else 0
+    size = backbone.img_size
+    for m, bands in backbone.bands.items():
+        if m not in sample:
+            continue  # a modality the data does not have is the model's call (missing_modality)
+        shape = tuple(sample[m].shape)
+        if len(shape) != 3 or shape[0] != len(bands):
+            raise DataError(f"sample {name!r}: modality {m!r} has shape {shape}; the model takes {len(bands)} "
+                            f"bands {list(bands)} (config key 'model.modalities.{m}')")
+        h, w = shape[1:]
+        if (h, w) != (size, size) and not (larger_ok and h >= size and w >= size):
+            need = f"at least {size}x{size}" if larger_ok else f"{size}x{size}"
+            raise ConfigError(f"config key 'model.img_size' is {size} but sample {name!r} of the data has "
+                              f"{m!r} images of {h}x{w} px (the model needs {need})")

@@ -1,25 +1,30 @@
 """The throughput-first training step: AMP, gradient accumulation, clipping, fused AdamW, non-finite skipping and
-device-side metrics, eager or captured whole as one CUDA graph.
+device-side metrics, eager or captured whole as one CUDA graph. It serves every model that fulfils the pretraining
+contract (models/contract.py), and the fine-tuning task models (engine/tasks.py): it knows no loss term.
 
-    step = TrainStep(model, optimizer, cfg, device, world=1)
+    step = TrainStep(net, optimizer, device=device, optim_cfg=cfg.optim, total_steps=n, model=model)
     out = step(micro_batches)        # a list of grad_accum_steps batches; no host sync
     metrics = step.read_metrics()    # every N steps: the one host sync; raises NonFiniteLossError after K bad steps
 
 Everything that happens per step stays on the device, so the same Python function is both the eager step (CPU, or
 CUDA without graphs) and the body captured once into a CUDA graph and replayed:
 
-- the learning rate is a 0-d device tensor computed from a device step counter (warmup + cosine, `lr_tensor`), and
-  AdamW is `fused=True` (+ `capturable=True` on CUDA) with that tensor as its `lr`;
-- a step whose loss or gradient norm is not finite is skipped inside the fused optimizer (its `found_inf` input: no
-  parameter, moment or step-count change) and counted; the run stops once `max_bad_steps` come in a row;
+- the model returns `objective` (backpropagated) and its declared `metric_names` (summed on the device);
+- the learning rate (and a weight-decay schedule) are 0-d device tensors computed from a device step counter
+  (engine/schedule.py), and AdamW is `fused=True` (+ `capturable=True` on CUDA) with that tensor as its `lr`;
+- a step whose objective, metrics or gradient norm is not finite is skipped inside the fused optimizer (its
+  `found_inf` input: no parameter, moment or step-count change) and counted; the run stops once `max_bad_steps`
+  come in a row;
+- the model's optional `after_optimizer_step(step, skipped)` hook runs next (an EMA teacher update);
 - fp16 uses dynamic loss scaling with the same device ops as `torch.amp.GradScaler`
   (`_amp_foreach_non_finite_check_and_unscale_`, `_amp_update_scale_`), fused into the step so it is capturable;
-- loss, losses and gradient norm are summed into one device tensor and read every N steps (`read_metrics`).
+- metrics and gradient norm are summed into one device tensor and read every N steps (`read_metrics`).
 
 CUDA graphs: the first call copies the batch into static device buffers, runs a few warmup steps on a side stream
-(to initialise optimizer state, autotuning and compiled code), restores every parameter, optimizer state, counter and
-the mask/crop generator to their state before warmup, then captures the step. Later calls copy the next batch into
-the static buffers (non-blocking, from pinned memory) and replay. Numbers equal the eager step's.
+(to initialise optimizer state, autotuning and compiled code), restores every tensor of the model (parameters and
+buffers: an EMA teacher, BatchNorm statistics), the optimizer state, the counters and the mask/crop generator to
+their state before warmup, then captures the step. Later calls copy the next batch into the static buffers
+(non-blocking, from pinned memory) and replay. Numbers equal the eager step's.
 
 `forbid_host_sync()` is a dispatch mode that raises on any op that makes the host wait for a tensor's value (`.item()`,
 `bool(t)`, `.tolist()` of a device tensor, `.cpu()` of a device tensor, `nonzero`, ...): tests run the step under it
@@ -29,7 +34,7 @@ on the CPU, where a CUDA graph cannot check for us.
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 import sys
 from typing import Sequence
 
@@ -38,16 +43,14 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmfuse_fast.config import OptimConfig
+from mmfuse_fast.engine.schedule import cosine_schedule, lr_tensor
+from mmfuse_fast.errors import NonFiniteLossError
+from mmfuse_fast.models.contract import check_pretrain_output
 
-__all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "lr_tensor", "resolve_amp", "nvtx_range",
-           "METRIC_NAMES"]
+__all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "resolve_amp", "nvtx_range", "unwrap_model"]
 
-METRIC_NAMES = ("loss", "loss_rec", "loss_con", "grad_norm")
-
-# Layout of the device accumulator (float64).
-_SUMS = slice(0, 4)  # sums of METRIC_NAMES over good steps
-_GOOD, _BAD, _STREAK, _TRIP, _STREAK_START, _OVERFLOW = 4, 5, 6, 7, 8, 9
-_ACC_SIZE = 10
+# Flags after the metric sums in the device accumulator (float64).
+_FLAGS = ("good", "bad", "streak", "trip", "streak_start", "overflow")
 
 
 # --- host-sync detection -----------------------------------------------------------------------------------------
@@ -93,18 +96,16 @@ class forbid_host_sync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-# --- schedule, AMP, NVTX -----------------------------------------------------------------------------------------
+# --- AMP, NVTX, wrappers -----------------------------------------------------------------------------------------
 
 
-def lr_tensor(step: torch.Tensor, cfg: OptimConfig, total_steps: int) -> torch.Tensor:
-    """`engine.optim.lr_at` as device ops on a float64 0-d step tensor (0-based update index): capturable."""
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = ((step - cfg.warmup_steps) / span).clamp(0.0, 1.0)
-    cos = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-    if cfg.warmup_steps <= 0:
-        return cos
-    warm = cfg.lr * (step + 1) / cfg.warmup_steps
-    return torch.where(step < cfg.warmup_steps, warm, cos)
+def unwrap_model(net: nn.Module) -> nn.Module:
+    """The model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers (FSDP2 wraps in place)."""
+    while True:
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -133,25 +134,25 @@ def nvtx_range(name: str):
 class TrainStep:
     """One optimizer step over `grad_accum_steps` micro-batches, eager or as a replayed CUDA graph.
 
-    `model` may be wrapped (DDP, FSDP2, torch.compile); it is called as `model(batch, generator=generator)` and
-    returns {"loss", "loss_rec", "loss_con"}. `world` is the data-parallel world size: the contrastive loss is
-    global (negatives from the whole batch) and its local gradient is the rank's share of the global gradient,
-    while DDP/FSDP average gradients over ranks, so the backward objective is loss_rec + λ·world·loss_con — the
-    averaged gradient then equals the single-process gradient of loss_rec + λ·loss_con on the global batch."""
+    `net` may be wrapped (DDP, FSDP2, torch.compile); it is called as `net(batch, generator=generator,
+    step=step_counter)` and returns the pretraining contract's dict (models/contract.py). `model` is the unwrapped
+    model (default: `unwrap_model(net)`): its `metric_names`, `batch_keys`, optional `after_optimizer_step` hook and
+    its tensors (for the CUDA-graph warmup restore)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 optim_cfg: OptimConfig, total_steps: int, modalities: Sequence[str], contrastive_weight: float,
-                 amp: str = "auto", grad_accum_steps: int = 1, max_bad_steps: int = 10, cuda_graph: bool = False,
-                 world: int = 1, generator: torch.Generator | None = None, start_step: int = 0,
-                 no_sync=None, graph_warmup: int = 3):
-        self.model, self.optimizer, self.device = model, optimizer, device
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 optim_cfg: OptimConfig, total_steps: int, model: nn.Module | None = None, amp: str = "auto",
+                 grad_accum_steps: int = 1, max_bad_steps: int = 10, cuda_graph: bool = False,
+                 generator: torch.Generator | None = None, start_step: int = 0, no_sync=None,
+                 graph_warmup: int = 3):
+        self.net, self.optimizer, self.device = net, optimizer, device
+        self.model = model if model is not None else unwrap_model(net)
         self.optim_cfg, self.total_steps = optim_cfg, total_steps
-        self.modalities = tuple(modalities)
-        self.contrastive_weight = float(contrastive_weight)
+        self.metric_names = tuple(self.model.metric_names) + ("grad_norm",)
+        self.batch_keys = tuple(getattr(self.model, "batch_keys", ()) or ())  # empty: every tensor of the batch
+        self.after_optimizer_step = getattr(self.model, "after_optimizer_step", None)
         self.amp_dtype = resolve_amp(amp, device)
         self.accum = int(grad_accum_steps)
         self.max_bad_steps = int(max_bad_steps)
-        self.world = int(world)
         self.generator = generator
         self.no_sync = no_sync  # DDP's no_sync for all but the last micro-batch
         self.use_graph = bool(cuda_graph) and device.type == "cuda"
@@ -159,13 +160,20 @@ class TrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.grad_clip = float(optim_cfg.grad_clip)
+        # A weight-decay schedule is applied here (the optimizer's own decay is 0 then: see build_optimizer).
+        self.decayed = ([p for g in optimizer.param_groups if g.get("name") == "decay" for p in g["params"]]
+                        if optim_cfg.weight_decay_end is not None else [])
+        if hasattr(self.model, "set_total_steps"):
+            self.model.set_total_steps(total_steps)
 
+        n = len(self.metric_names)
+        self._flag = {name: n + i for i, name in enumerate(_FLAGS)}
         f64 = dict(device=device, dtype=torch.float64)
         self.step_t = torch.full((), float(start_step), **f64)
         self.lr_t = torch.zeros((), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-        self.acc = torch.zeros(_ACC_SIZE, **f64)
-        self.acc[_TRIP] = -1
-        self.acc[_STREAK_START] = -1
+        self.acc = torch.zeros(n + len(_FLAGS), **f64)
+        self.acc[self._flag["trip"]] = -1
+        self.acc[self._flag["streak_start"]] = -1
         for g in optimizer.param_groups:
             g["lr"] = self.lr_t  # one device tensor shared by every group; written inside the step
         # fp16: dynamic loss scale (GradScaler's defaults)
@@ -174,22 +182,26 @@ class TrainStep:
         self.growth_tracker = torch.zeros((), device=device, dtype=torch.int32) if self.fp16 else None
         self.static_batches: list[dict[str, torch.Tensor]] | None = None
         self.static_out: dict[str, torch.Tensor] | None = None
+        self._output_checked = False
 
     # ------------------------------------------------------------------------------------------------------------
 
     def set_step(self, step: int) -> None:
         self.step_t.fill_(float(step))
 
+    def _streak_slots(self) -> list[int]:
+        return [self._flag["streak"], self._flag["streak_start"]]
+
     def state_dict(self) -> dict:
         """What besides the optimizer must survive a resume (fp16 loss scale; the skip streak)."""
-        out = {"acc_streak": self.acc[[_STREAK, _STREAK_START]].cpu()}
+        out = {"acc_streak": self.acc[self._streak_slots()].cpu()}
         if self.fp16:
             out.update(scale=self.scale.cpu(), growth_tracker=self.growth_tracker.cpu())
         return out
 
     def load_state_dict(self, state: dict) -> None:
         if "acc_streak" in state:
-            self.acc[[_STREAK, _STREAK_START]] = state["acc_streak"].to(self.device)
+            self.acc[self._streak_slots()] = state["acc_streak"].to(self.device)
         if self.fp16 and "scale" in state:
             self.scale.copy_(state["scale"])
             self.growth_tracker.copy_(state["growth_tracker"])
@@ -202,31 +214,36 @@ class TrainStep:
         # cache off: the weight-cast cache must not outlive a captured graph
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, stacked metrics) of one micro-batch."""
+        with nvtx_range("forward"), self._autocast():
+            out = self.net(batch, generator=self.generator, step=self.step_t)
+        if not self._output_checked:
+            check_pretrain_output(out, self.metric_names[:-1], type(self.model).__name__)
+            self._output_checked = True
+        metrics = torch.stack([out[name].detach().float() for name in self.metric_names[:-1]])
+        return out["objective"].float(), metrics
+
     def _body(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
         """The step as device ops only: the eager step, and what the CUDA graph captures."""
         lr = lr_tensor(self.step_t, self.optim_cfg, self.total_steps)
         self.lr_t.copy_(lr)
         self.optimizer.zero_grad(set_to_none=True)
-        totals = None
+        totals, objective_finite = None, None
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             sync_ctx = self.no_sync() if (self.no_sync is not None and i < n - 1) else contextlib.nullcontext()
             with sync_ctx:
-                with nvtx_range("forward"), self._autocast():
-                    out = self.model(batch, generator=self.generator)
-                loss_rec, loss_con = out["loss_rec"].float(), out["loss_con"].float()
-                if self.world > 1:
-                    objective = loss_rec + (self.contrastive_weight * self.world) * loss_con
-                else:
-                    objective = out["loss"].float()
+                objective, metrics = self._forward(batch)
                 if n > 1:
                     objective = objective / n
+                finite = torch.isfinite(objective.detach())
                 if self.fp16:
                     objective = objective * self.scale
                 with nvtx_range("backward"):
                     objective.backward()
-            vals = torch.stack([out["loss"].detach().float(), loss_rec.detach(), loss_con.detach()])
-            totals = vals if totals is None else totals + vals
+            totals = metrics if totals is None else totals + metrics
+            objective_finite = finite if objective_finite is None else objective_finite & finite
         if n > 1:
             totals = totals / n
 
@@ -241,37 +258,50 @@ class TrainStep:
             else:
                 grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             grad_norm = _full(grad_norm).float()
-            bad = ~torch.isfinite(totals[0])
+            bad = ~(torch.isfinite(totals).all() & objective_finite)
             if not self.fp16:  # (with fp16 a non-finite gradient is an overflow: skipped, not counted as bad)
                 bad = bad | ~torch.isfinite(grad_norm)
             skip = bad if overflow is None else bad | (overflow > 0)
+            if self.decayed:  # decoupled weight decay, scheduled; none on a skipped step (as fused AdamW skips)
+                wd = cosine_schedule(self.step_t, self.optim_cfg.weight_decay, self.optim_cfg.weight_decay_end,
+                                     self.total_steps)
+                factor = torch.where(skip, torch.ones_like(wd), 1.0 - lr * wd)
+                torch._foreach_mul_(self.decayed, factor.to(self.decayed[0].dtype))
             self.optimizer.found_inf = skip.float()  # fused AdamW skips the update (and its step count)
             self.optimizer.step()
             if self.fp16:
                 torch._amp_update_scale_(self.scale, self.growth_tracker, overflow, 2.0, 0.5, 2000)
+        if self.after_optimizer_step is not None:
+            with nvtx_range("after_optimizer_step"):
+                self.after_optimizer_step(self.step_t, skip)
 
         # device-side metrics
+        flag = self._flag
         badf = bad.double()
         vals = torch.cat([totals.double(), grad_norm.double().reshape(1)])
         acc = self.acc
-        streak_before = acc[_STREAK]
+        streak_before = acc[flag["streak"]]
         streak = (streak_before + 1) * badf
-        start = torch.where(bad & (streak_before == 0), self.step_t + 1, acc[_STREAK_START])
-        trip = torch.where((streak >= self.max_bad_steps) & (acc[_TRIP] < 0), start, acc[_TRIP])
+        start = torch.where(bad & (streak_before == 0), self.step_t + 1, acc[flag["streak_start"]])
+        trip = torch.where((streak >= self.max_bad_steps) & (acc[flag["trip"]] < 0), start, acc[flag["trip"]])
         new = torch.cat([
-            acc[_SUMS] + torch.where(bad, torch.zeros_like(vals), vals),
-            torch.stack([acc[_GOOD] + 1 - badf, acc[_BAD] + badf, streak, trip, start,
-                         acc[_OVERFLOW] + (0.0 if overflow is None else (overflow > 0).double())]),
+            acc[:flag["good"]] + torch.where(bad, torch.zeros_like(vals), vals),
+            torch.stack([acc[flag["good"]] + 1 - badf, acc[flag["bad"]] + badf, streak, trip, start,
+                         acc[flag["overflow"]] + (0.0 if overflow is None else (overflow > 0).double())]),
         ])
         acc.copy_(new)
         self.step_t.add_(1)
-        return {"loss": totals[0], "loss_rec": totals[1], "loss_con": totals[2], "grad_norm": grad_norm,
-                "skipped": skip, "lr": lr}
+        out = {name: totals[i] for i, name in enumerate(self.metric_names[:-1])}
+        out.update(grad_norm=grad_norm, skipped=skip, lr=lr)
+        return out
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def _keys(self, batch: dict) -> tuple[str, ...]:
+        return self.batch_keys or tuple(k for k, v in batch.items() if isinstance(v, torch.Tensor))
+
     def _to_device(self, batch: dict) -> dict:
-        return {m: batch[m].to(self.device, non_blocking=True) for m in self.modalities}
+        return {k: batch[k].to(self.device, non_blocking=True) for k in self._keys(batch)}
 
     def __call__(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over `micro_batches` (host or device tensors); returns device scalars (in graph mode:
@@ -284,19 +314,28 @@ class TrainStep:
             self._capture(micro_batches)
         with nvtx_range("h2d"):
             for static, batch in zip(self.static_batches, micro_batches):
-                for m in self.modalities:
-                    static[m].copy_(batch[m], non_blocking=True)
+                for k, buf in static.items():
+                    buf.copy_(batch[k], non_blocking=True)
         with nvtx_range("step_graph"):
             self.graph.replay()
         return self.static_out
 
     # --- CUDA graph -------------------------------------------------------------------------------------------------
 
+    def _model_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the model's state (parameters, then buffers), each once."""
+        seen, out = set(), []
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
     def _snapshot(self) -> dict:
         opt_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                      for p, s in self.optimizer.state.items()}
         return {
-            "params": [p.detach().clone() for p in self.params],
+            "model": [t.detach().clone() for t in self._model_tensors()],
             "opt": opt_state,
             "tensors": [t.clone() for t in self._counters()],
             "gen": self.generator.get_state() if self.generator is not None else None,
@@ -310,8 +349,8 @@ class TrainStep:
 
     @torch.no_grad()
     def _restore(self, snap: dict) -> None:
-        for p, saved in zip(self.params, snap["params"]):
-            p.copy_(saved)
+        for t, saved in zip(self._model_tensors(), snap["model"]):
+            t.copy_(saved)
         for p, state in self.optimizer.state.items():
             saved = snap["opt"].get(p)
             for k, v in state.items():
@@ -327,11 +366,11 @@ class TrainStep:
             self.generator.set_state(snap["gen"])
 
     def _capture(self, micro_batches: Sequence[dict]) -> None:
-        self.static_batches = [{m: torch.empty_like(b[m], device=self.device) for m in self.modalities}
+        self.static_batches = [{k: torch.empty_like(b[k], device=self.device) for k in self._keys(b)}
                                for b in micro_batches]
         for static, batch in zip(self.static_batches, micro_batches):
-            for m in self.modalities:
-                static[m].copy_(batch[m])
+            for k, buf in static.items():
+                buf.copy_(batch[k])
         snap = self._snapshot()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -353,7 +392,7 @@ class TrainStep:
 
     def check(self, group=None) -> None:
         """Raises NonFiniteLossError once max_bad_steps non-finite steps came in a row (one host sync)."""
-        trip = self.acc[_TRIP].clone()
+        trip = self.acc[self._flag["trip"]].clone()
         if group is not None:
             import torch.distributed as dist
 
@@ -361,8 +400,6 @@ class TrainStep:
         self._raise_if_tripped(int(trip))
 
     def _raise_if_tripped(self, trip: int) -> None:
-        from mmfuse_fast.engine.logging import NonFiniteLossError
-
         if trip >= 0:
             raise NonFiniteLossError(
                 f"loss is not finite (NaN or inf) at step {trip} and stayed so for {self.max_bad_steps} step(s) in a "
@@ -373,28 +410,29 @@ class TrainStep:
     def read_metrics(self, group=None) -> dict:
         """Means over the good steps since the last read (averaged over ranks with `group`), the skipped-step
         count, and the error check. The one host sync of the loop; a collective when distributed."""
+        flag = self._flag
         acc = self.acc.clone()
         if group is not None:
             import torch.distributed as dist
 
-            sums = acc[:_BAD + 1].contiguous()
+            sums = acc[:flag["bad"] + 1].contiguous()
             dist.all_reduce(sums, group=group)
-            flags = acc[_BAD + 1:].contiguous()
+            flags = acc[flag["bad"] + 1:].contiguous()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             world = dist.get_world_size(group)
             acc = torch.cat([sums / world, flags])
         values = acc.tolist()
-        self.acc[:_GOOD + 2].zero_()
-        self.acc[_OVERFLOW].zero_()
-        good, bad = values[_GOOD], values[_BAD]
+        self.acc[:flag["bad"] + 1].zero_()
+        self.acc[flag["overflow"]].zero_()
+        good, bad = values[flag["good"]], values[flag["bad"]]
         record = {}
         if good > 0:
-            record.update({n: values[i] / good for i, n in enumerate(METRIC_NAMES)})
+            record.update({n: values[i] / good for i, n in enumerate(self.metric_names)})
         record["skipped_steps"] = int(round(bad))
         if self.fp16:
-            record["overflow_steps"] = int(round(values[_OVERFLOW]))
+            record["overflow_steps"] = int(round(values[flag["overflow"]]))
             record["loss_scale"] = float(self.scale)
-        self._raise_if_tripped(int(values[_TRIP]))
+        self._raise_if_tripped(int(values[flag["trip"]]))
         return record
 
 

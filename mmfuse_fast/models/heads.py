@@ -1,4 +1,5 @@
-"""Task heads on top of a pretrained backbone exposing `encode(batch, modalities) -> {m: (B, N, D)}`."""
+"""Task heads on a backbone (the backbone contract of models/contract.py: `embed_dim`, `modalities`,
+`encode(batch, modalities) -> {m: (B, N, D)}`)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class MultiLabelClassifier(BackboneTaskModel):
         self.backbone = backbone
         self.modalities = backbone_modalities(backbone, modalities)
         self.pooling, self.freeze_backbone, self.num_classes = pooling, freeze_backbone, num_classes
-        dim = backbone.cfg.embed_dim * (len(self.modalities) if pooling == "concat" else 1)
+        dim = backbone.embed_dim * (len(self.modalities) if pooling == "concat" else 1)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)

@@ -82,6 +82,11 @@ class MaskedDecoder(nn.Module):
 
 @register_model("mmfuse")
 class MMFuseMAE(nn.Module):
+    """The pretraining and backbone contracts of models/contract.py over the stages above."""
+
+    metric_names = ("loss", "loss_rec", "loss_con")
+    missing_modality = "drop"  # encode() takes any non-empty subset of the modalities (CAF then sees only those)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -137,6 +142,19 @@ class MMFuseMAE(nn.Module):
         if cfg.cmf:
             for p in self.cmf_modality_embed.values():
                 nn.init.normal_(p, std=0.02)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.modalities
+
+    @property
+    def feature_levels(self) -> int:
+        """Levels of forward_intermediates: after the fusion stem (stem + CAF), then after each encoder block."""
+        return len(self.blocks) + 1
 
     @property
     def contrastive_group(self):
@@ -237,10 +255,18 @@ class MMFuseMAE(nn.Module):
             visible[m] = gather_tokens(x, ids_keep)  # (B, n, D)
         return visible, masks, restores
 
-    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stem (per modality) -> CAF -> encoder -> norm over the given token sets, {m: (B, L_m, D)} in and out."""
+    def encode_tokens(self, tokens: dict[str, torch.Tensor],
+                      levels: Sequence[int] = ()) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Stem (per modality) -> CAF -> encoder -> norm over the given token sets, {m: (B, L_m, D)} in and out.
+
+        With `levels` (indices into [fusion stem, block 1, ..., block depth]) it returns those levels instead, in
+        the order given; the last level is normalized, as the encoder's output is."""
         names = list(tokens)
         segments = [t.shape[1] for t in tokens.values()]
+
+        def split(x):
+            return dict(zip(names, torch.split(x, segments, dim=1)))
+
         x = []
         for m, t in tokens.items():  # stem: each modality alone, its own weights
             for blk in self.stem[m]:
@@ -250,10 +276,15 @@ class MMFuseMAE(nn.Module):
         allow = self.caf_allow[: len(names), : len(names)]  # ~eye: only the other modalities
         for blk in self.caf_blocks:
             x = blk(x, segments, allow)
-        for blk in self.blocks:
+        taken = {0: x}
+        for i, blk in enumerate(self.blocks, 1):
             x = blk(x, segments)  # allow all
-        x = self.norm(x)
-        return dict(zip(names, torch.split(x, segments, dim=1)))
+            taken[i] = x
+        last = len(self.blocks)
+        if not levels:
+            return split(self.norm(x))
+        taken[last] = self.norm(taken[last])
+        return [split(taken[i]) for i in levels]
 
     def decode(self, latent: dict[str, torch.Tensor], restores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         context, segments = None, [t.shape[1] for t in latent.values()]
@@ -286,7 +317,14 @@ class MMFuseMAE(nn.Module):
     # Public entry points
     # ----------------------------------------------------------------------------------------------------------
 
-    def forward(self, batch, generator: torch.Generator | None = None) -> dict:
+    def forward(self, batch, generator: torch.Generator | None = None, step: torch.Tensor | None = None) -> dict:
+        """The pretraining losses of one batch: {"objective", "loss", "loss_rec", "loss_con", "pred", "mask"}.
+
+        `objective` is what the engine backpropagates. Under data parallelism the contrastive term is global
+        (negatives from the whole batch), so its local gradient is this rank's share of the global gradient
+        while DDP/FSDP average the gradients over ranks: the objective weighs it by world size, and the averaged
+        gradient equals the single-process gradient of `loss` on the global batch. `step` is unused (no schedule
+        in this model)."""
         imgs = self.check_batch(batch, self.modalities)  # {m: (B, C_m, H, W)}
         any_x = next(iter(imgs.values()))
         noise = self.draw_noise(any_x.shape[0], any_x.device, generator)
@@ -299,15 +337,30 @@ class MMFuseMAE(nn.Module):
         else:
             loss_con = loss_rec.new_zeros(())
         loss = loss_rec + self.cfg.contrastive_weight * loss_con
-        return {"loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "pred": pred, "mask": mask}
+        world = self._shard[1]
+        objective = loss if world == 1 else loss_rec + (self.cfg.contrastive_weight * world) * loss_con
+        return {"objective": objective, "loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "pred": pred,
+                "mask": mask}
 
-    def encode(self, batch, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """All tokens of the given modalities (default: all), unmasked, encoded: {m: (B, N, D)}."""
+    def _encoder_input(self, batch, modalities: Sequence[str] | None) -> dict[str, torch.Tensor]:
         mods = tuple(self.modalities if modalities is None else modalities)
         if not mods or len(set(mods)) != len(mods):
             raise ValueError(f"modalities must be a non-empty list of distinct names; got {list(mods)}")
-        imgs = self.check_batch(batch, mods)
-        return self.encode_tokens(self.tokenize(imgs))
+        return self.tokenize(self.check_batch(batch, mods))
+
+    def encode(self, batch, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """All tokens of the given modalities (default: all), unmasked, encoded: {m: (B, N, D)}."""
+        return self.encode_tokens(self._encoder_input(batch, modalities))
+
+    def forward_intermediates(self, batch, modalities: Sequence[str] | None = None,
+                              indices: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Unmasked tokens at feature levels `indices` (default: all `feature_levels`): level 0 after the fusion
+        stem (stem + CAF), level i after encoder block i; the last level is `encode`'s output. [{m: (B, N, D)}]."""
+        indices = list(range(self.feature_levels)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.feature_levels]
+        if bad or not indices:
+            raise ValueError(f"feature levels {indices} must be a non-empty list in [0, {self.feature_levels})")
+        return self.encode_tokens(self._encoder_input(batch, modalities), levels=indices)
 
     @torch.no_grad()
     def visualize(self, batch, generator: torch.Generator | None = None) -> dict[str, dict[str, torch.Tensor]]:

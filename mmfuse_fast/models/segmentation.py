@@ -1,9 +1,8 @@
 """Semantic segmentation on the multimodal encoder: multi-level ViT features -> simple feature pyramid -> FPN ->
 per-pixel logits, plus sliding-window inference for rasters larger than the model's input.
 
-Multi-level features are taken with the backbone's public stages (the same order as `MMFuseMAE.encode_tokens`):
-tokenize -> per-modality stem -> CAF -> encoder blocks -> norm. The levels are the token sets after the fusion
-stem (stem + CAF) and after evenly spaced encoder blocks, the last one normalized; each level's modalities are
+Multi-level features come from the backbone's `forward_intermediates` (models/contract.py): the token sets after
+the fusion stem and after evenly spaced encoder blocks, the last one normalized; each level's modalities are
 averaged token-wise (they share the patch grid) and reshaped to (B, D, g, g). As in ViTDet's simple feature
 pyramid, the levels are brought to strides p/4, p/2, p, 2p (transposed convs / max-pool), then an FPN (lateral 1x1,
 top-down sum, 3x3 smoothing) and the UPerNet-style fusion (all levels upsampled to the finest, concatenated, 3x3
@@ -37,10 +36,11 @@ class SegmentationModel(BackboneTaskModel):
         self.backbone = backbone
         self.modalities = backbone_modalities(backbone, modalities)
         self.num_classes, self.freeze_backbone = num_classes, freeze_backbone
-        self.img_size, self.patch_size, self.grid = backbone.img_size, backbone.patch_size, backbone.grid_size
-        d = backbone.cfg.embed_dim
-        depth = len(backbone.blocks)
-        # indices into the list [fusion stem, block 1, ..., block depth]; the last is always included
+        self.img_size, self.patch_size = backbone.img_size, backbone.patch_size
+        self.grid = backbone.img_size // backbone.patch_size
+        d = backbone.embed_dim
+        depth = backbone.feature_levels - 1
+        # indices into the backbone's feature levels [fusion stem, block 1, ..., block depth]; the last always
         self.level_ids = sorted({round(i * depth / max(num_levels - 1, 1)) for i in range(num_levels)})
         scales = [4, 2, 1, 0.5][-len(self.level_ids):] if len(self.level_ids) <= 4 else [4, 2, 1, 0.5]
         self.scales = scales
@@ -62,28 +62,10 @@ class SegmentationModel(BackboneTaskModel):
         self._freeze_backbone_if_set()
 
     def multilevel_features(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """[(B, D, g, g)] at the chosen depths, modalities averaged."""
-        bb = self.backbone
-        imgs = bb.check_batch(batch, self.modalities)
-        tokens = bb.tokenize(imgs)
-        names, segments = list(tokens), [t.shape[1] for t in tokens.values()]
-        xs = []
-        for m, t in tokens.items():
-            for blk in bb.stem[m]:
-                t = blk(t, [t.shape[1]])
-            xs.append(t)
-        x = torch.cat(xs, dim=1)
-        allow = bb.caf_allow[: len(names), : len(names)]
-        for blk in bb.caf_blocks:
-            x = blk(x, segments, allow)
-        levels = [x]
-        for blk in bb.blocks:
-            x = blk(x, segments)
-            levels.append(x)
-        levels[-1] = bb.norm(levels[-1])
+        """[(B, D, g, g)] at the chosen levels, modalities averaged (they share the patch grid)."""
         out = []
-        for i in self.level_ids:
-            per_mod = torch.stack(torch.split(levels[i], segments, dim=1)).mean(0)  # (B, N, D)
+        for level in self.backbone.forward_intermediates(batch, self.modalities, self.level_ids):
+            per_mod = torch.stack(list(level.values())).mean(0)  # (B, N, D)
             b, n, d = per_mod.shape
             out.append(per_mod.transpose(1, 2).reshape(b, d, self.grid, self.grid))
         return out

@@ -1,6 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
+
+# The plain eager reference step the engine is compared with lives beside the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 # A model small enough that a training step takes milliseconds: 32x32 images, 16 tokens per modality.
 TINY = [

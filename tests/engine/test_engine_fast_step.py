@@ -8,9 +8,10 @@ from torch.utils.data import default_collate
 
 from mmfuse_fast.config import PretrainConfig, load_config
 from mmfuse_fast.engine import NonFiniteLossError, pretrain, read_metrics
-from mmfuse_fast.engine.optim import build_optimizer, lr_at, set_lr
-from mmfuse_fast.engine.pretrain import train_step
-from mmfuse_fast.engine.step import HostSyncError, TrainStep, forbid_host_sync, lr_tensor
+from mmfuse_fast.engine.optim import build_optimizer
+from mmfuse_fast.engine.schedule import lr_at, lr_tensor
+from mmfuse_fast.engine.step import HostSyncError, TrainStep, forbid_host_sync
+from reference_step import reference_optimizer, reference_train_step
 from mmfuse_fast.models import build_model
 
 
@@ -18,10 +19,9 @@ def _setup(tiny, *extra, device="cpu", total=6, **step_kw):
     cfg = load_config(PretrainConfig, None, tiny + ["optim.warmup_steps=2", *extra])
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
-    opt = build_optimizer(model, cfg.optim, torch.device(device), engine=True)
+    opt = build_optimizer(model, cfg.optim, torch.device(device))
     gen = torch.Generator(device).manual_seed(0)
-    kw = dict(device=torch.device(device), optim_cfg=cfg.optim, total_steps=total, modalities=model.modalities,
-              contrastive_weight=cfg.model.contrastive_weight, generator=gen)
+    kw = dict(device=torch.device(device), optim_cfg=cfg.optim, total_steps=total, generator=gen)
     kw.update(step_kw)
     return cfg, model, TrainStep(model, opt, **kw)
 
@@ -35,12 +35,11 @@ def test_engine_step_matches_reference_step(tiny_overrides, synthetic):
     cfg, model, step = _setup(tiny_overrides)
     torch.manual_seed(0)
     ref = build_model(cfg.model)
-    ref_opt = build_optimizer(ref, cfg.optim, torch.device("cpu"))
+    ref_opt = reference_optimizer(ref, cfg.optim)
     ref_gen = torch.Generator().manual_seed(0)
     for s in range(4):
         batch = _batch(synthetic, start=s)
-        set_lr(ref_opt, lr_at(s, cfg.optim, 6))
-        r = train_step(ref, batch, ref_opt, cfg.optim.grad_clip, ref_gen)
+        r = reference_train_step(ref, batch, ref_opt, cfg.optim, s, 6, ref_gen)
         e = step([batch])
         assert float(e["lr"]) == pytest.approx(lr_at(s, cfg.optim, 6), rel=1e-12)
         for k in ("loss", "loss_rec", "loss_con", "grad_norm"):  # fused vs foreach AdamW: ulp-level differences

@@ -32,7 +32,8 @@ def test_pretraining_trajectory_is_unchanged(numbers, golden):
 
 
 def test_probe_and_finetune_trajectories_are_unchanged(numbers, golden):
-    # Equal to 1e-6 relative: only the gradient norm's and the optimizer's float sums may be reassociated.
+    # Equal to 1e-6 relative (1.5e-7 measured): fine-tuning runs through the engine's step, whose fused AdamW
+    # computes the same update as the per-parameter AdamW the golden run used, with its float ops reassociated.
     _close(numbers["probe"], golden["probe"], 1e-6)
     _close(numbers["full"], golden["full"], 1e-6)
     for k, v in golden["probe_eval"].items():

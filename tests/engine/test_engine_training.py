@@ -8,9 +8,10 @@ from mmfuse_fast.config import FinetuneConfig, PretrainConfig, load_config
 from mmfuse_fast.engine import NonFiniteLossError, RunDirError, evaluate, finetune, pretrain, read_metrics
 import importlib
 
-pretrain_module = importlib.import_module("mmfuse_fast.engine.pretrain")
+loop_module = importlib.import_module("mmfuse_fast.engine.loop")
 from mmfuse_fast.engine.data import InfiniteSampler, epoch_order
-from mmfuse_fast.engine.optim import lr_at, param_groups
+from mmfuse_fast.engine.optim import param_groups
+from mmfuse_fast.engine.schedule import lr_at
 
 
 def _cfg(tiny, *extra):
@@ -53,7 +54,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_overrides, synthetic, m
     data = synthetic(n=5)  # 5 samples, batch 3: batches straddle epochs
     pretrain(cfg, tmp_path / "a", dataset=data, progress=False)
 
-    real_save = pretrain_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def crash_after_first(run_dir, step, *a, **k):
         out = real_save(run_dir, step, *a, **k)
@@ -61,7 +62,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_overrides, synthetic, m
             raise KeyboardInterrupt("simulated preemption")
         return out
 
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", crash_after_first)
+    monkeypatch.setattr(loop_module, "save_checkpoint", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path / "b", dataset=data, progress=False)
     monkeypatch.undo()
