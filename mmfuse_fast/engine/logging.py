@@ -1,4 +1,4 @@
-"""Metric logging: losses accumulated on the device, read once per log interval, written as JSON lines.
+"""Metric logging: the records read from the device once per log interval, written as JSON lines.
 
 `metrics.jsonl` in the run directory gets one object per log interval, e.g.::
 
@@ -6,7 +6,7 @@
      "samples_per_s": 41.2, "elapsed_s": 2.1}
 
 Loss values are means over the steps since the previous line. The only host synchronisation is at a log
-interval (SPEC §4: no `.item()` inside the training step).
+interval (docs/method.md, Conventions: no `.item()` inside the training step).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfuse_fast.engine.rundir import METRICS_NAME
-from mmfuse_fast.errors import NonFiniteLossError
 
-__all__ = ["LoggingConfig", "MetricLogger", "NonFiniteLossError", "read_metrics", "truncate_metrics"]
+__all__ = ["LoggingConfig", "MetricLogger", "progress_fields", "read_metrics", "truncate_metrics"]
 
 
 @dataclass
@@ -33,9 +32,9 @@ class LoggingConfig:
 
 
 class MetricLogger:
-    """Accumulates scalar tensors on their device; `log()` reads them once, writes a JSONL line, updates the bar.
-
-    It also remembers the first step whose loss was not finite, on the device, so the check costs no sync."""
+    """Writes one JSON line per log interval and keeps the progress bar. The metrics themselves are summed on the
+    device by the TrainStep and read once per interval (`TrainStep.read_metrics`); this class only counts steps,
+    writes what it is given and shows its headline fields."""
 
     def __init__(self, run_dir: str | Path, config: LoggingConfig, total_steps: int, start_step: int = 0,
                  desc: str = "train", batch_size: int = 1):
@@ -43,79 +42,24 @@ class MetricLogger:
         self.config = config
         self.batch_size = batch_size
         self._file = open(self.path, "a")
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        self._bad_step: torch.Tensor | None = None  # first step with a non-finite loss, -1 if none
         self._t0 = time.perf_counter()
-        self._t_last = self._t0
-        self._steps_since = 0
         self.last: dict = {}
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                         disable=not config.progress, mininterval=0.5)
 
-    def should_log(self, step: int) -> bool:
-        return self.config.every > 0 and step % self.config.every == 0
-
-    @torch.no_grad()
-    def accumulate(self, step: int, values: dict[str, torch.Tensor]) -> None:
-        """Adds this step's scalars (device tensors or floats) to the running sums; `values["loss"]` is also
-        checked for finiteness, on the device."""
-        for name, v in values.items():
-            if not isinstance(v, torch.Tensor):
-                v = torch.tensor(float(v))
-            v = v.detach().float()
-            self._sums[name] = self._sums[name] + v if name in self._sums else v.clone()
-        loss = values.get("loss")
-        if isinstance(loss, torch.Tensor):
-            bad = ~torch.isfinite(loss.detach())
-            step_t = torch.full((), step, device=loss.device, dtype=torch.long)
-            if self._bad_step is None:
-                self._bad_step = torch.full((), -1, device=loss.device, dtype=torch.long)
-            self._bad_step = torch.where(bad & (self._bad_step < 0), step_t, self._bad_step)
-        self._count += 1
-        self._steps_since += 1
-        self.bar.update(1)
-
     def tick(self, step: int) -> None:
-        """Counts a step whose metrics are accumulated elsewhere (the TrainStep's device accumulator)."""
-        self._steps_since += 1
+        """Counts one step on the progress bar."""
         self.bar.update(1)
 
-    def check_finite(self) -> None:
-        """Raises NonFiniteLossError naming the first step whose loss was not finite (one host sync)."""
-        if self._bad_step is not None:
-            bad = int(self._bad_step)
-            if bad >= 0:
-                raise NonFiniteLossError(
-                    f"loss is not finite (NaN or inf) at step {bad}; lower the learning rate, check the input data "
-                    f"normalization, or enable gradient clipping"
-                )
-
-    def log(self, step: int, extra: dict | None = None) -> dict:
-        """Reads the accumulated means (one sync), writes one JSON line, updates the progress bar."""
-        self.check_finite()
-        record: dict = {"step": step}
-        if self._count:
-            names = list(self._sums)
-            means = (torch.stack([self._sums[n] for n in names]) / self._count).tolist()
-            record.update({n: _clean(m) for n, m in zip(names, means)})
-        now = time.perf_counter()
-        dt = now - self._t_last
-        if self._steps_since and dt > 0:
-            record["samples_per_s"] = round(self._steps_since * self.batch_size / dt, 3)
-        record["elapsed_s"] = round(now - self._t0, 3)
-        if extra:
-            record.update({k: _clean(v) for k, v in extra.items()})
-        self._file.write(json.dumps(record) + "\n")
+    def log(self, step: int, record: dict) -> dict:
+        """Writes `{"step": step, **record, "elapsed_s"}` as one JSON line and updates the progress bar."""
+        out = {"step": step, **{k: _clean(v) for k, v in record.items()},
+               "elapsed_s": round(time.perf_counter() - self._t0, 3)}
+        self._file.write(json.dumps(out) + "\n")
         self._file.flush()
-        self._sums.clear()
-        self._count = 0
-        self._steps_since = 0
-        self._t_last = now
-        self.last = record
-        shown = {k: f"{record[k]:.4g}" for k in ("loss", "loss_rec", "loss_con", "lr") if k in record}
-        self.bar.set_postfix(shown, refresh=False)
-        return record
+        self.last = out
+        self.bar.set_postfix(progress_fields(out), refresh=False)
+        return out
 
     def close(self) -> None:
         self.bar.close()
@@ -126,6 +70,22 @@ class MetricLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# what the progress bar shows of a record: the losses, the learning rate, and how fast and how big the run is
+_BAR_FIELDS = (("loss", "loss", "{:.4g}"), ("lr", "lr", "{:.3g}"), ("samples_per_s", "samples/s", "{:.1f}"),
+               ("mfu", "MFU", "{:.1%}"), ("peak_mem_mib", "mem", "{:.0f}MiB"))
+
+
+def progress_fields(record: dict) -> dict[str, str]:
+    """The progress bar's postfix of a metrics record (fields the record lacks or holds no number for are left
+    out)."""
+    out = {}
+    for key, label, fmt in _BAR_FIELDS:
+        v = record.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[label] = fmt.format(v)
+    return out
 
 
 def _clean(v):

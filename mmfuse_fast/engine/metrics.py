@@ -1,6 +1,6 @@
 """Multi-label, scene (single-label) and segmentation metrics, computed once over the whole evaluation set.
 
-Definitions (BigEarthNet convention, SPEC §1 "Metric conventions"):
+Definitions (BigEarthNet convention; docs/method.md, Downstream tasks and metrics):
 
 - **average precision** (AP) of one score/label column is the step-wise area under the precision-recall curve,
   exactly as scikit-learn's `average_precision_score`: `AP = sum_n (R_n - R_{n-1}) * P_n` over the distinct score

@@ -266,7 +266,8 @@ class TrainStep:
                 wd = cosine_schedule(self.step_t, self.optim_cfg.weight_decay, self.optim_cfg.weight_decay_end,
                                      self.total_steps)
                 factor = torch.where(skip, torch.ones_like(wd), 1.0 - lr * wd)
-                torch._foreach_mul_(self.decayed, factor.to(self.decayed[0].dtype))
+                with torch.no_grad():
+                    torch._foreach_mul_(self.decayed, factor.to(self.decayed[0].dtype))
             self.optimizer.found_inf = skip.float()  # fused AdamW skips the update (and its step count)
             self.optimizer.step()
             if self.fp16:

@@ -1,5 +1,5 @@
 """The paper's model: multimodal masked autoencoder with cross-attention fusion (CAF), cross-modality fusion
-decoders (CMF) and a cross-scale contrastive loss (SPEC §1), in the style of MAE's `models_mae.py`.
+decoders (CMF) and a cross-scale contrastive loss (docs/method.md), in the style of MAE's `models_mae.py`.
 
 Shapes: B batch, M modalities, N = (img_size / patch_size)**2 patches per modality, n = n_keep visible patches
 per modality (static: int(N * (1 - mask_ratio))), D encoder width, Dd decoder width, P projection width.

@@ -60,7 +60,7 @@ def test_step_has_no_host_sync_and_the_check_catches_one(tiny_overrides, synthet
 
     def with_item(*a, **k):
         out = forward(*a, **k)
-        out["loss"].item()  # the kind of line SPEC §4 forbids
+        out["loss"].item()  # a host sync inside the step (docs/method.md, Conventions)
         return out
 
     model.forward = with_item
