@@ -21,7 +21,6 @@ A re-run deletes exactly these entries of its run directory first and starts ove
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfuse_fast.data import fetch_bigearthnet_v2_sample
     from mmfuse_fast.engine import evaluate, finetune, pretrain
-    from mmfuse_fast.engine.evaluate import _jsonable
+    from mmfuse_fast.engine.rundir import write_json
     from mmfuse_fast.engine.plots import plot_loss_curves, plot_reconstructions
     from mmfuse_fast.models import build_model
     from mmfuse_fast.engine.checkpoint import load_weights
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "files": {"loss_curve": str(loss_png), "reconstructions": str(recon_png)},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
+    write_json(run_dir / "metrics.json", summary)
     print()
     print(_table(test))
     print()

@@ -69,13 +69,6 @@ def evaluate(run_dir_or_checkpoint: str | Path, split: str = "test", data_root: 
               "data_root": str(getattr(dataset, "root", data_cfg.root if built else "")) or None,
               "modalities": list(model.modalities),
               "checkpoint": str(resolve_weights(run_dir_or_checkpoint)), "wall_s": round(time.perf_counter() - t0, 3)}
-    write_json(eval_metrics_path(run_dir, split), _jsonable(result))
+    write_json(eval_metrics_path(run_dir, split), result)
     return result
 
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and v != v:
-        return None  # NaN (e.g. AP of a class without positives) -> null
-    return v

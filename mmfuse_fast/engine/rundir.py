@@ -27,7 +27,8 @@ from mmfuse_fast.errors import CheckpointError, ConfigError, RunDirError
 
 __all__ = ["CONFIG_NAME", "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "METRICS_NAME", "CHECKPOINT_DIR",
            "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "eval_metrics_path", "prepare_run_dir", "find_run_dir",
-           "write_run_configs", "read_backbone_config", "read_task_info", "write_task_info", "write_json"]
+           "write_run_configs", "read_backbone_config", "read_task_info", "write_task_info", "write_json",
+           "json_safe"]
 
 CONFIG_NAME = "config.yaml"
 MODEL_CONFIG_NAME = "model.yaml"
@@ -79,10 +80,22 @@ def find_run_dir(path: str | Path) -> Path | None:
     return None
 
 
+def json_safe(value):
+    """`value` with NaN floats (e.g. the AP of a class without positives) as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
 def write_json(path: str | Path, record: dict) -> None:
+    """`record` as indented JSON (NaN as null), written atomically."""
     from mmfuse_fast.engine.checkpoint import atomic_write_text
 
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(record), indent=1) + "\n")
 
 
 def write_run_configs(run_dir: Path, cfg, backbone: BaseModelConfig | None = None) -> None:
