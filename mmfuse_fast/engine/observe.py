@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from mmfuse_fast.engine.rundir import TENSORBOARD_DIR
+
 __all__ = ["PEAK_TFLOPS", "peak_tflops", "ThroughputMeter", "TensorBoardWriter", "peak_rss_mib"]
 
 # Dense tensor-core peaks in TFLOP/s: (bf16/fp16, tf32, fp32).
@@ -120,7 +122,7 @@ class TensorBoardWriter:
             print("note: tensorboard is not installed; metrics go to metrics.jsonl only "
                   "(pip install tensorboard to get them in TensorBoard too)", file=sys.stderr)
             return
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR))
 
     def write(self, step: int, record: dict) -> None:
         if self.writer is None:

@@ -5,6 +5,7 @@ A pretraining run::
     config.yaml             the resolved PretrainConfig
     metrics.jsonl           one line per log interval
     checkpoints/            step_NNNNNN/{model.safetensors, train_state.pt} and the `latest` pointer
+    tensorboard/            the same metrics for TensorBoard, when it is installed
 
 A fine-tuning run adds::
 
@@ -26,7 +27,7 @@ from mmfuse_fast.config import BaseModelConfig, PretrainConfig, from_dict, load_
 from mmfuse_fast.errors import CheckpointError, ConfigError, RunDirError
 
 __all__ = ["CONFIG_NAME", "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "METRICS_NAME", "CHECKPOINT_DIR",
-           "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "eval_metrics_path", "prepare_run_dir", "find_run_dir",
+           "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "TENSORBOARD_DIR", "eval_metrics_path", "prepare_run_dir", "find_run_dir",
            "write_run_configs", "read_backbone_config", "read_task_info", "write_task_info", "write_json",
            "json_safe"]
 
@@ -39,6 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST_NAME = "latest"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def eval_metrics_path(run_dir: str | Path, split: str) -> Path:
