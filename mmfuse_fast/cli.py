@@ -2,12 +2,14 @@
 
     mmfuse pretrain --config tiny --run-dir runs/pt [--set train.steps=50 ...] [--resume]
     mmfuse finetune [--config FILE] --run-dir runs/ft --pretrained runs/pt [--set label_fraction=0.01] [--resume]
-    mmfuse evaluate --run-dir runs/ft [--split test] [--data-root PATH]
+    mmfuse evaluate --run-dir runs/ft [--split test] [--data-root PATH] [--json]
     mmfuse predict --run-dir runs/ft --input s2=a.tif --input s1=b.tif --out DIR [--stride 64]
     mmfuse data pack --format {bigearthnet_v1,sen12ms,seg_tiles} --root DATA --out PACKED [--option key=value]
 
-Config problems (unknown key, wrong type, missing file) print one line naming the key and exit with status 2;
-a run directory that already holds a run (without --resume) or a broken checkpoint exits with status 1.
+Every error a user can cause (`mmfuse_fast.errors.MMFuseError` and its subclasses, and a missing file) prints one
+line and exits with the error's status: 2 for a config or data problem (the line names the key, file or split),
+1 for run state (a run directory that already holds a run without --resume, a broken checkpoint, a pack that fails
+verification), 130 for Ctrl-C. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-from mmfuse_fast.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from mmfuse_fast.config import FinetuneConfig, PretrainConfig, load_config
+from mmfuse_fast.errors import ConfigError, Interrupted, MMFuseError
 
-EXIT_CONFIG = 2
-EXIT_RUN = 1
+EXIT_MISSING_FILE = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="fine-tuning run directory or checkpoint")
     p.add_argument("--split", default="test")
     p.add_argument("--data-root", default=None, help="dataset root (default: the one in the run's config)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("predict", help="GeoTIFF class map (+ PNG preview) from a fine-tuned segmentation run")
@@ -86,58 +89,54 @@ def _resolve_config(cls, args, default: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # imported late: `mmfuse --help` and config errors stay fast
-    from mmfuse_fast.engine.checkpoint import CheckpointError
-    from mmfuse_fast.engine.runtime import RunDirError
-
+    command = "data pack" if args.command == "data" else args.command
     try:
-        if args.command == "pretrain":
-            if args.compile:
-                args.overrides = [*args.overrides, "train.compile=true"]
-            cfg = _resolve_config(PretrainConfig, args, "tiny")
-            from mmfuse_fast.engine.pretrain import pretrain
-
-            result = pretrain(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-        elif args.command == "finetune":
-            if args.pretrained:
-                args.overrides = [f"pretrained={args.pretrained}", *args.overrides]
-            cfg = _resolve_config(FinetuneConfig, args, None)
-            from mmfuse_fast.engine.finetune import finetune
-
-            result = finetune(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-        elif args.command == "predict":
-            from mmfuse_fast.engine.predict import parse_inputs, predict
-
-            result = predict(args.run_dir, parse_inputs(args.input), args.out, stride=args.stride,
-                             device=args.device)
-        elif args.command == "data":
-            result = _data_pack(args)
-        else:
-            from mmfuse_fast.engine.evaluate import evaluate
-
-            result = evaluate(args.run_dir, split=args.split, data_root=args.data_root,
-                              progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (RunDirError, CheckpointError) as e:
-        print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_RUN
-    except ValueError as e:  # bad data (a DataFileError names the file) or bad arguments
-        if args.command not in ("predict", "data"):
-            raise
-        print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except RuntimeError as e:
-        from mmfuse_fast.data.pack import PackError
-
-        if not isinstance(e, PackError):
-            raise
-        print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_RUN
+        result = _run(args)
+    except MMFuseError as e:
+        return _fail(command, e, e.exit_code)
+    except FileNotFoundError as e:  # a config, checkpoint or data file named by the user is missing
+        return _fail(command, e, EXIT_MISSING_FILE)
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted", Interrupted.exit_code)
     if result.get("rank", 0) == 0:  # torchrun: one summary, from rank 0
-        print(json.dumps(_summary(result), indent=1, default=str))
+        if args.command == "evaluate" and not args.json:
+            print(format_metrics_table(result))
+        else:
+            print(json.dumps(_summary(result), indent=1, default=str))
     return int(result.get("exit_code", 0))  # 128 + signal when SIGTERM/SIGINT stopped pretraining early
+
+
+def _fail(command: str, error, exit_code: int) -> int:
+    message = " ".join(str(error).split()) or type(error).__name__  # one line, however the message was wrapped
+    print(f"mmfuse {command}: error: {message}", file=sys.stderr)
+    return exit_code
+
+
+def _run(args) -> dict:
+    # engine modules are imported here, not at the top: `mmfuse --help` and config errors stay fast
+    if args.command == "pretrain":
+        if args.compile:
+            args.overrides = [*args.overrides, "train.compile=true"]
+        cfg = _resolve_config(PretrainConfig, args, "tiny")
+        from mmfuse_fast.engine.pretrain import pretrain
+
+        return pretrain(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    if args.command == "finetune":
+        if args.pretrained:
+            args.overrides = [f"pretrained={args.pretrained}", *args.overrides]
+        cfg = _resolve_config(FinetuneConfig, args, None)
+        from mmfuse_fast.engine.finetune import finetune
+
+        return finetune(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    if args.command == "predict":
+        from mmfuse_fast.engine.predict import parse_inputs, predict
+
+        return predict(args.run_dir, parse_inputs(args.input), args.out, stride=args.stride, device=args.device)
+    if args.command == "data":
+        return _data_pack(args)
+    from mmfuse_fast.engine.evaluate import evaluate
+
+    return evaluate(args.run_dir, split=args.split, data_root=args.data_root, progress=not args.no_progress)
 
 
 def _data_pack(args) -> dict:
@@ -153,20 +152,41 @@ def _data_pack(args) -> dict:
         except ConfigError as e:
             raise ConfigError(str(e).replace("--set", "--option")) from None
         options[key] = value
-    try:
-        return pack_dataset(args.format, args.root, args.out, options=options, overwrite=args.overwrite,
-                            progress=not args.no_progress)
-    except TypeError as e:  # an option the reader does not take
-        raise ConfigError(f"--option: {e}") from None
+    return pack_dataset(args.format, args.root, args.out, options=options, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+
+
+PER_CLASS_KEYS = ("ap_per_class", "iou_per_class", "f1_per_class")
 
 
 def _summary(result: dict) -> dict:
     """The printed result, without the long per-class lists."""
-    long = ("ap_per_class", "iou_per_class", "f1_per_class")
-    out = {k: v for k, v in result.items() if k not in long}
+    out = {k: v for k, v in result.items() if k not in PER_CLASS_KEYS}
     if isinstance(out.get("eval"), dict):
-        out["eval"] = {k: v for k, v in out["eval"].items() if k not in long}
+        out["eval"] = {k: v for k, v in out["eval"].items() if k not in PER_CLASS_KEYS}
     return out
+
+
+def _format_value(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"  # NaN: e.g. a metric over classes none of which has a positive sample
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_metrics_table(result: dict) -> str:
+    """The evaluation result as a two-column table of its scalar entries (in the result's order); the per-class
+    dicts are summarized in one line each (their values are in the run's metrics_<split>.json and in --json)."""
+    rows = [(k, _format_value(v)) for k, v in result.items() if v is None or isinstance(v, (str, int, float))]
+    per_class = [(k, v) for k, v in result.items() if isinstance(v, dict)]
+    width = max([len("metric"), *(len(k) for k, _ in rows)])
+    lines = [f"{'metric':<{width}}  value", "-" * (width + 2 + max([5, *(len(v) for _, v in rows if len(v) < 20)]))]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    for key, values in per_class:
+        lines.append(f"{key}: {len(values)} classes (metrics_{result.get('split', '<split>')}.json in the run "
+                     f"directory lists them)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

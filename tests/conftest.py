@@ -14,11 +14,19 @@ BEN_V2_SAMPLE = SHARED_DATA / "bigearthnet-v2-sample"
 ENMAP_TILES = SHARED_DATA / "enmap-hsi-tiles"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ben_v2_root():
-    if not (BEN_V2_SAMPLE / "metadata.parquet").exists():
-        pytest.skip(f"real BigEarthNet v2 sample not found at {BEN_V2_SAMPLE}")
-    return BEN_V2_SAMPLE
+    """The real BigEarthNet v2 sample: ../shared/data's copy when present, else the one `make demo` fetched into
+    the project's cache ($MMFUSE_CACHE or ~/.cache/mmfuse_fast); the tests never download it. Session scope: it is
+    looked up before any test's own fixtures change the environment."""
+    from mmfuse_fast.data.fetch import SAMPLE_DIR_NAME, default_cache_dir, find_sample  # only after TRITON_INTERPRET is set
+
+    pytest.importorskip("lmdb", reason="the BigEarthNet v2 sample is an LMDB")
+    root = find_sample([BEN_V2_SAMPLE])
+    if root is None:
+        pytest.skip(f"real BigEarthNet v2 sample found neither at {BEN_V2_SAMPLE} nor in "
+                    f"{default_cache_dir() / SAMPLE_DIR_NAME} (`make demo` fetches it there)")
+    return root
 
 
 @pytest.fixture

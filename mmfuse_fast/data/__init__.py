@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from mmfuse_fast.errors import ConfigError
+
 from .bands import BAND_RESOLUTION_M, BAND_STATS, MODALITY_BANDS, compute_band_stats
 from .bigearthnet import (
     BIGEARTHNET_CLASSES,
@@ -48,15 +50,15 @@ def build_dataset(data_cfg, splits: Sequence[str], bands: Mapping[str, Sequence[
     """The dataset named by `data_cfg.dataset` (a `mmfuse_fast.config.DataConfig`) for `splits`, with the
     modalities and band order of `bands` ({modality: [band names]}, the model config's `modalities`)."""
     if data_cfg.dataset not in DATASETS:
-        raise ValueError(f"config key 'data.dataset': unknown dataset {data_cfg.dataset!r}; known: {sorted(DATASETS)}")
+        raise ConfigError(f"config key 'data.dataset': unknown dataset {data_cfg.dataset!r}; known: {sorted(DATASETS)}")
     root = data_cfg.root
     if data_cfg.dataset in ("sen12ms", "seg_tiles", "packed"):
         if not root:
-            raise ValueError(f"config key 'data.root' is empty: dataset {data_cfg.dataset!r} needs a root folder")
+            raise ConfigError(f"config key 'data.root' is empty: dataset {data_cfg.dataset!r} needs a root folder")
         return DATASETS[data_cfg.dataset](root, split=list(splits), **_raster_kwargs(data_cfg, bands))
     if not root:
         if data_cfg.dataset != "bigearthnet_v2":
-            raise ValueError(f"config key 'data.root' is empty: dataset {data_cfg.dataset!r} needs a root folder")
+            raise ConfigError(f"config key 'data.root' is empty: dataset {data_cfg.dataset!r} needs a root folder")
         root = fetch_bigearthnet_v2_sample()
     return DATASETS[data_cfg.dataset](
         root,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mmfuse_fast.config import S1_BANDS, S2_BANDS
+from mmfuse_fast.errors import ConfigError, DataError
 
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s1": tuple(S1_BANDS), "s2": tuple(S2_BANDS)}
 
@@ -64,12 +65,12 @@ def resolve_modalities(modalities: Sequence[str] | str) -> tuple[str, ...]:
         modalities = (modalities,)
     modalities = tuple(modalities)
     if not modalities:
-        raise ValueError("at least one modality is required (known: s1, s2)")
+        raise ConfigError("at least one modality is required (known: s1, s2)")
     for modality in modalities:
         if modality not in MODALITY_BANDS:
-            raise ValueError(f"unknown modality {modality!r}; known modalities: {sorted(MODALITY_BANDS)}")
+            raise DataError(f"unknown modality {modality!r}; known modalities: {sorted(MODALITY_BANDS)}")
     if len(set(modalities)) != len(modalities):
-        raise ValueError(f"modality listed twice in {list(modalities)}")
+        raise ConfigError(f"modality listed twice in {list(modalities)}")
     return modalities
 
 
@@ -80,7 +81,7 @@ def resolve_bands(
     bands = dict(bands or {})
     for modality in bands:
         if modality not in modalities:
-            raise ValueError(
+            raise ConfigError(
                 f"bands given for modality {modality!r}, which is not among the requested {list(modalities)}"
             )
     resolved = {}
@@ -89,11 +90,11 @@ def resolve_bands(
         known = MODALITY_BANDS[modality]
         for name in names:
             if name not in known:
-                raise ValueError(f"unknown band {name!r} for modality {modality!r}; known bands: {list(known)}")
+                raise DataError(f"unknown band {name!r} for modality {modality!r}; known bands: {list(known)}")
         if not names:
-            raise ValueError(f"empty band list for modality {modality!r}")
+            raise ConfigError(f"empty band list for modality {modality!r}")
         if len(set(names)) != len(names):
-            raise ValueError(f"band listed twice for modality {modality!r}: {list(names)}")
+            raise ConfigError(f"band listed twice for modality {modality!r}: {list(names)}")
         resolved[modality] = names
     return resolved
 
@@ -106,7 +107,7 @@ def band_mean_std(
     mean = np.array([table[b][0] for b in bands], dtype=np.float32).reshape(-1, 1, 1)
     std = np.array([table[b][1] for b in bands], dtype=np.float32).reshape(-1, 1, 1)
     if not (std > 0).all():
-        raise ValueError(f"non-positive std in the {modality} band statistics: {dict(zip(bands, std.ravel()))}")
+        raise DataError(f"non-positive std in the {modality} band statistics: {dict(zip(bands, std.ravel()))}")
     return mean, std
 
 
@@ -129,7 +130,7 @@ def compute_band_stats(dataset, modality: str) -> dict[str, tuple[float, float]]
         total_sq += (image * image).sum(dim=1)
         count += image.shape[1]
     if count == 0:
-        raise ValueError("compute_band_stats: the dataset is empty")
+        raise DataError("compute_band_stats: the dataset is empty")
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
     return {band: (float(m), float(s)) for band, m, s in zip(band_names, mean, std)}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mmfuse_fast.errors import BigEarthNetDataError
+from mmfuse_fast.errors import BigEarthNetDataError, ConfigError, DataError
 
 from .bands import PATCH_SIZE_PX, band_mean_std, native_size_px, resolve_bands, resolve_modalities
 
@@ -117,7 +117,7 @@ CORINE_43_TO_19: dict[str, str | None] = {
 }
 
 SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
 
 def label_key(name: str) -> str:
@@ -168,18 +168,26 @@ def corine_43_to_19(labels: Sequence[str], patch_id: str = "?") -> list[str]:
     return mapped
 
 
-def resolve_splits(split: str | Sequence[str] | None) -> tuple[str, ...]:
+def canonical_split(name, where: str) -> str:
+    """The canonical name of split `name` ("val" -> "validation"); a DataError naming it, `where` it was asked
+    for (a dataset root, a split_files option) and the valid splits otherwise."""
+    if name not in SPLIT_ALIASES:
+        raise DataError(f"unknown split {name!r} ({where}); valid splits: train, validation (or val), test")
+    return SPLIT_ALIASES[name]
+
+
+def resolve_splits(split: str | Sequence[str] | None, root: str | os.PathLike = "?") -> tuple[str, ...]:
+    """Canonical split names, each once; None is every split. Unknown names raise a DataError naming `root`."""
     if split is None:
         return SPLITS
     names = (split,) if isinstance(split, str) else tuple(split)
     resolved = []
     for name in names:
-        if name not in _SPLIT_ALIASES:
-            raise ValueError(f"unknown split {name!r}; valid splits: train, validation (or val), test")
-        if _SPLIT_ALIASES[name] not in resolved:
-            resolved.append(_SPLIT_ALIASES[name])
+        name = canonical_split(name, f"dataset at {root}")
+        if name not in resolved:
+            resolved.append(name)
     if not resolved:
-        raise ValueError("empty split list")
+        raise DataError(f"empty split list for the dataset at {root}")
     return tuple(resolved)
 
 
@@ -193,6 +201,12 @@ class SkipBadSamples:
     """
 
     _all_bad_error: type[BigEarthNetDataError] = BigEarthNetDataError
+
+    @staticmethod
+    def check_on_error(on_error: str) -> str:
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"reader option on_error must be 'raise' or 'skip', got {on_error!r}")
+        return on_error
 
     def _load_sample(self, index: int) -> dict:
         raise NotImplementedError
@@ -221,8 +235,7 @@ class _BigEarthNetBase(SkipBadSamples, Dataset):
     """Shared sample assembly: band selection, resampling, validation, normalization and skip-on-error."""
 
     def __init__(self, modalities, normalize, bands, on_error, band_stats):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.check_on_error(on_error)
         self.modalities = resolve_modalities(modalities)
         self.bands = resolve_bands(self.modalities, bands)
         self.normalize = bool(normalize)
@@ -376,8 +389,8 @@ class BigEarthNetV2(_BigEarthNetBase):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"BigEarthNet v2 root not found: {self.root}")
+        self.splits = resolve_splits(split, self.root)
         self.lmdb_path = find_lmdb_dir(self.root)
-        self.splits = resolve_splits(split)
         self._every_split = split is None  # also rows without a split (a pack of BigEarthNet v1 with split=None)
         self.drop_snow_cloud = bool(drop_snow_cloud)
         self.metadata = self._read_metadata()
@@ -505,6 +518,7 @@ class BigEarthNetV1(_BigEarthNetBase):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"BigEarthNet v1 root not found: {self.root}")
+        self.splits = None if split is None else resolve_splits(split, self.root)  # before the slow indexing
         self.s1_dir = _first_existing(self.root, _S1_FOLDERS)
         self.s2_dir = _first_existing(self.root, _S2_FOLDERS)
         if "s1" in self.modalities and self.s1_dir is None:
@@ -514,7 +528,7 @@ class BigEarthNetV1(_BigEarthNetBase):
         self.drop_snow_cloud = bool(drop_snow_cloud)
 
         pairs = self._index_patches()  # s2 name -> (s1 name or None, 19-class labels or an error)
-        selected = self._select_patches(pairs, split, split_files)
+        selected = self._select_patches(pairs, split_files)
         if self.drop_snow_cloud:
             excluded = self._snow_cloud_patches()
             selected = [(s2, split_name) for s2, split_name in selected if s2 not in excluded]
@@ -572,23 +586,18 @@ class BigEarthNetV1(_BigEarthNetBase):
         except BigEarthNetDataError as error:
             return error
 
-    def _select_patches(self, pairs, split, split_files) -> list[tuple[str, str | None]]:
-        split_files = {_SPLIT_ALIASES.get(k, k): Path(v) for k, v in (split_files or {}).items()}
-        for name in split_files:
-            if name not in SPLITS:
-                raise ValueError(f"unknown split {name!r} in split_files; valid splits: {list(SPLITS)}")
+    def _select_patches(self, pairs, split_files) -> list[tuple[str, str | None]]:
+        split_files = {canonical_split(k, "in split_files"): Path(v) for k, v in (split_files or {}).items()}
         for name, file_name in _SPLIT_FILES.items():
             if name not in split_files and (self.root / file_name).is_file():
                 split_files[name] = self.root / file_name
-        if split is None:
-            self.splits = None
+        if self.splits is None:
             # every patch found; its split is known when a split list names it
             split_of = {}
             for name, path in split_files.items():
                 for row in _read_patch_csv(path):
                     split_of.setdefault(row[0], name)
             return [(s2, split_of.get(s2)) for s2 in pairs]
-        self.splits = resolve_splits(split)
         selected = []
         for name in self.splits:
             if name not in split_files:

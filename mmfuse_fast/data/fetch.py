@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mmfuse_fast.errors import FetchError
@@ -82,7 +82,7 @@ def extract_sample(wheel: Path, target: Path, expected_sha256: str | None = None
         try:
             os.rename(staging, target)
         except OSError:
-            if not _is_complete(target):  # another process finished first: keep its copy
+            if not is_complete_sample(target):  # another process finished first: keep its copy
                 raise
     finally:
         if staging.exists():
@@ -90,8 +90,22 @@ def extract_sample(wheel: Path, target: Path, expected_sha256: str | None = None
     return target
 
 
-def _is_complete(root: Path) -> bool:
+def is_complete_sample(root: Path) -> bool:
     return all((root / relative).is_file() for relative in SAMPLE_FILES)
+
+
+def _cache_target(cache_dir: str | os.PathLike | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / SAMPLE_DIR_NAME
+
+
+def find_sample(preferred: Sequence[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first complete sample among `preferred` roots, else the one already fetched into the cache
+    (`<cache_dir>/bigearthnet-v2-sample/`), else None. Never downloads. A complete folder in the cache is a verified
+    one: the fetch only renames it into place after the wheel's sha256 matched and every file was extracted."""
+    for root in [*map(Path, preferred), _cache_target(cache_dir)]:
+        if is_complete_sample(root):
+            return root
+    return None
 
 
 def fetch_bigearthnet_v2_sample(
@@ -109,9 +123,8 @@ def fetch_bigearthnet_v2_sample(
         if not (root / "metadata.parquet").is_file():
             raise FileNotFoundError(f"${ROOT_ENV_VAR}={override} has no metadata.parquet")
         return root
-    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = target / SAMPLE_DIR_NAME
-    if _is_complete(target):
+    target = _cache_target(cache_dir)
+    if is_complete_sample(target):
         return target
     if target.exists():
         raise FetchError(f"{target} exists but is incomplete; remove it and fetch again")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mmfuse_fast.errors import DataFileError
+from mmfuse_fast.errors import ConfigError, DataError, DataFileError
 
-from .bigearthnet import SkipBadSamples
+from .bigearthnet import SkipBadSamples, canonical_split, resolve_splits
 
 __all__ = ["DataFileError", "RasterInfo", "read_raster", "raster_info", "resample", "check_same_grid",
            "RasterDataset", "default_band_names", "read_stats_csv"]
@@ -161,28 +161,30 @@ class RasterDataset(SkipBadSamples, Dataset):
     _all_bad_error = DataFileError
 
     def _setup(self, modalities, bands, normalize, stats, on_error):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.check_on_error(on_error)
         if isinstance(modalities, str):
             modalities = (modalities,)
         modalities = tuple(modalities)
+        root = getattr(self, "root", "?")
         for m in modalities:
             if m not in self.available_bands:
-                raise ValueError(f"unknown modality {m!r}; this dataset has {sorted(self.available_bands)}")
+                raise DataError(f"unknown modality {m!r}: the dataset at {root} has {sorted(self.available_bands)}")
         if not modalities or len(set(modalities)) != len(modalities):
-            raise ValueError(f"modalities must be a non-empty list of distinct names; got {list(modalities)}")
+            raise ConfigError(f"modalities must be a non-empty list of distinct names; got {list(modalities)}")
         self.modalities = modalities
         self.bands = {}
         for m in modalities:
             names = tuple((bands or {}).get(m, self.available_bands[m]))
             unknown = [b for b in names if b not in self.available_bands[m]]
-            if unknown or not names or len(set(names)) != len(names):
-                raise ValueError(f"bad band selection for modality {m!r}: {list(names)}; known bands: "
-                                 f"{list(self.available_bands[m])}")
+            if unknown:
+                raise DataError(f"modality {m!r} of the dataset at {root} has no bands {unknown}; its bands: "
+                                f"{list(self.available_bands[m])}")
+            if not names or len(set(names)) != len(names):
+                raise ConfigError(f"bad band selection for modality {m!r}: {list(names)} (empty or a band twice)")
             self.bands[m] = names
         extra = sorted(set(bands or {}) - set(modalities))
         if extra:
-            raise ValueError(f"bands given for modalities {extra}, which are not among {list(modalities)}")
+            raise ConfigError(f"bands given for modalities {extra}, which are not among {list(modalities)}")
         self.normalize = bool(normalize)
         self.on_error = on_error
         self.skipped = 0
@@ -210,7 +212,8 @@ class RasterDataset(SkipBadSamples, Dataset):
         """Per-band (mean, std) over the valid (non-nodata) pixels of up to `max_samples` evenly spread samples."""
         n = len(self)
         if n == 0:
-            raise ValueError("cannot compute band statistics of an empty dataset")
+            raise DataError(f"cannot compute band statistics: no sample selected in the dataset at "
+                            f"{getattr(self, 'root', '?')}")
         k = min(n, max_samples or self.STATS_SAMPLES)
         picks = sorted({int(i) for i in np.linspace(0, n - 1, k)})
         sums = {m: np.zeros((len(self.bands[m]), 3)) for m in self.modalities}
@@ -314,7 +317,6 @@ def read_split_list(path: Path) -> list[str]:
     return [split_entry_stem(row[0]) for row in rows]
 
 
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 SPLIT_FILE_NAMES = {"train": ("train_files.csv", "train.csv", "train.txt"),
                     "validation": ("validation_files.csv", "val_files.csv", "validation.csv", "val.csv",
                                    "validation.txt", "val.txt"),
@@ -324,9 +326,7 @@ SPLIT_FILE_NAMES = {"train": ("train_files.csv", "train.csv", "train.txt"),
 def resolve_split_files(root: Path, split_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
     found = {}
     for name, path in (split_files or {}).items():
-        if name not in SPLIT_ALIASES:
-            raise ValueError(f"unknown split {name!r} in split_files; valid: train, validation (val), test")
-        found[SPLIT_ALIASES[name]] = Path(path)
+        found[canonical_split(name, "in split_files")] = Path(path)
     for name, candidates in SPLIT_FILE_NAMES.items():
         if name not in found:
             for candidate in candidates:
@@ -338,6 +338,7 @@ def resolve_split_files(root: Path, split_files: Mapping[str, str | os.PathLike]
 
 def select_split(ids: Sequence[str], root: Path, split, split_files, key=None) -> tuple[list[str], dict[str, str | None]]:
     """(selected ids, id -> split name or None). split None: every id; else the ids its split lists name."""
+    names = None if split is None else resolve_splits(split, root)
     files = resolve_split_files(root, split_files)
     split_of: dict[str, str | None] = {}
     for name, path in files.items():
@@ -346,14 +347,10 @@ def select_split(ids: Sequence[str], root: Path, split, split_files, key=None) -
         for stem in read_split_list(path):
             split_of.setdefault(key(stem) if key else stem, name)
     known = set(ids)
-    if split is None:
+    if names is None:
         return list(ids), {i: split_of.get(i) for i in ids}
-    names = [split] if isinstance(split, str) else list(split)
     selected = []
     for name in names:
-        if name not in SPLIT_ALIASES:
-            raise ValueError(f"unknown split {name!r}; valid splits: train, validation (or val), test")
-        name = SPLIT_ALIASES[name]
         if name not in files:
             raise FileNotFoundError(f"no split list for split {name!r} in {root} (looked for "
                                     f"{list(SPLIT_FILE_NAMES[name])}); pass split_files={{{name!r}: path}}")

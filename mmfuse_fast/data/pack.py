@@ -18,12 +18,14 @@ Safety: everything is written to `OUT.partial/` first. Each committed chunk of s
 checksums in `OUT.partial/progress.jsonl`; an interrupted pack resumes there, re-reading and re-hashing the logged
 blobs and skipping those that verify. At the end every blob of every sample is re-read and checked against its
 sha256 and the key count against the sample count; only then are the parquet and manifest written and
-`OUT.partial` renamed to `OUT`. A dataset directory without `manifest.json` is never a finished pack.
+`OUT.partial` renamed to `OUT`. A dataset directory without `manifest.json` is never a finished pack. Ctrl-C
+commits the samples read completely so far, then raises `Interrupted`; running the same pack again resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -34,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfuse_fast.errors import PackError
+from mmfuse_fast.errors import ConfigError, DataError, Interrupted, PackError
 
-from .bigearthnet import BIGEARTHNET_CLASSES, METADATA_FILE, shared_lmdb_env
+from .bigearthnet import BIGEARTHNET_CLASSES, METADATA_FILE, resolve_splits, shared_lmdb_env
 from .geotiff import DataFileError, RasterDataset
 
 FORMATS = ("bigearthnet_v1", "sen12ms", "seg_tiles")
@@ -52,18 +54,24 @@ def _sha(blob: bytes) -> str:
 def _source_dataset(fmt: str, root, options: Mapping | None):
     options = dict(options or {})
     if fmt == "bigearthnet_v1":
-        from .bigearthnet import BigEarthNetV1
+        from .bigearthnet import BigEarthNetV1 as reader
 
-        return BigEarthNetV1(root, split=None, normalize=False, **options)
-    if fmt == "sen12ms":
-        from .sen12ms import SEN12MS
+        fixed = {"split": None, "normalize": False}  # bands stored as read; the v2 layout has no statistics
+    elif fmt == "sen12ms":
+        from .sen12ms import SEN12MS as reader
 
-        return SEN12MS(root, split=None, **options)  # normalize=True: statistics computed, stored in the manifest
-    if fmt == "seg_tiles":
-        from .seg_tiles import SegmentationTiles
+        fixed = {"split": None}  # normalize=True: statistics computed, stored in the manifest
+    elif fmt == "seg_tiles":
+        from .seg_tiles import SegmentationTiles as reader
 
-        return SegmentationTiles(root, split=None, **options)
-    raise ValueError(f"unknown pack format {fmt!r}; known: {', '.join(FORMATS)}")
+        fixed = {"split": None}
+    else:
+        raise ConfigError(f"unknown pack format {fmt!r}; known: {', '.join(FORMATS)}")
+    accepted = [name for name in inspect.signature(reader).parameters if name != "root" and name not in fixed]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown reader option {unknown[0]!r} for format {fmt} (its options: {', '.join(accepted)})")
+    return reader(root, **fixed, **options)
 
 
 def _ben_records(ds, index: int) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
@@ -135,12 +143,22 @@ def pack_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike, opti
 
     `options`: keyword arguments of the source reader (e.g. {"modalities": {"hsi": "images"},
     "reduce_zero_label": True} for seg_tiles). `stop_after`: stop (as if interrupted) after that many newly
-    packed samples — for tests of resumption."""
+    packed samples — for tests of resumption. Ctrl-C raises `Interrupted` (exit 130 in the CLI); every sample
+    read completely by then is kept in `OUT.partial`, and the same call resumes there."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        return _pack(fmt, root, out, partial, options, chunk, overwrite, progress, stop_after)
+    except KeyboardInterrupt:
+        kept = len(_read_progress(partial / PROGRESS))
+        raise Interrupted(f"pack interrupted; {kept} packed samples are kept in {partial}: run the same command "
+                          f"again to resume (it verifies them and packs the rest)") from None
+
+
+def _pack(fmt, root, out: Path, partial: Path, options, chunk, overwrite, progress, stop_after) -> dict:
     from safetensors.numpy import save as save_safetensors
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
     if (out / MANIFEST).is_file() and not overwrite:
         report = verify_pack(out)
         return {**report, "status": "already packed"}
@@ -190,12 +208,10 @@ def pack_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike, opti
                 flush()
                 return {"status": "interrupted", "packed": len(done) + new, "total": len(ds)}
             blobs, row = records(ds, index)
-            sha = {}
-            for key, tensors in blobs.items():
-                blob = save_safetensors(tensors)
-                sha[key] = _sha(blob)
-                pending_items.append((key.encode(), blob))
+            encoded = {key: save_safetensors(tensors) for key, tensors in blobs.items()}
+            sha = {key: _sha(blob) for key, blob in encoded.items()}
             row["sha256"] = json.dumps(sha)
+            pending_items.extend((key.encode(), blob) for key, blob in encoded.items())
             pending_records.append({"sample": sample, "sha256": sha, "row": row})
             rows.append(row)
             new += 1
@@ -216,6 +232,9 @@ def pack_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike, opti
         if n_keys != len(expected):
             raise PackError(f"verification failed: {db_path} holds {n_keys} keys, the {len(rows)} samples have "
                             f"{len(expected)}")
+    except KeyboardInterrupt:
+        flush()  # the samples read completely before Ctrl-C are kept too (a second Ctrl-C here loses only them)
+        raise
     finally:
         env.close()
     table = pd.DataFrame(rows)
@@ -234,8 +253,8 @@ def pack_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike, opti
     else:
         manifest.update(task="multilabel", num_classes=len(BIGEARTHNET_CLASSES), classes=list(BIGEARTHNET_CLASSES))
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    progress_path.unlink()
     os.replace(partial, out)
+    (out / PROGRESS).unlink()  # after the rename: until then an interrupted pack still resumes from the log
     return {"status": "packed", "out": str(out), "samples": len(rows), "keys": len(expected), "new": new,
             "resumed_verified": verified_resume, "wall_s": round(time.perf_counter() - t0, 3)}
 
@@ -286,8 +305,6 @@ class PackedDataset(RasterDataset):
                  modalities: Sequence[str] | None = None, normalize: bool = True,
                  bands: Mapping[str, Sequence[str]] | None = None,
                  stats: Mapping[str, Mapping[str, tuple[float, float]]] | None = None, on_error: str = "raise"):
-        from .geotiff import SPLIT_ALIASES
-
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
@@ -295,18 +312,15 @@ class PackedDataset(RasterDataset):
                                     f"{self.root.name}.partial; run `mmfuse data pack` again to finish it)")
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest["format"] == "bigearthnet_v1":
-            raise ValueError(f"{self.root} is a BigEarthNet pack: read it with BigEarthNetV2")
+            raise DataError(f"{self.root} is a BigEarthNet pack: read it with BigEarthNetV2 (data.dataset: "
+                            f"bigearthnet_v2)")
         self.task = self.manifest["task"]
         self.num_classes, self.classes = self.manifest["num_classes"], tuple(self.manifest["classes"])
         self.ignore_index = self.manifest["ignore_index"]
         self.available_bands = {m: tuple(b) for m, b in self.manifest["bands"].items()}
         table = pd.read_parquet(self.root / METADATA_FILE)
         if split is not None:
-            names = [split] if isinstance(split, str) else list(split)
-            unknown = [s for s in names if s not in SPLIT_ALIASES]
-            if unknown:
-                raise ValueError(f"unknown split {unknown[0]!r}; valid splits: train, validation (or val), test")
-            table = table[table["split"].isin([SPLIT_ALIASES[s] for s in names])]
+            table = table[table["split"].isin(resolve_splits(split, self.root))]
         self.ids = list(table["id"])
         self.split_of = dict(zip(table["id"], table["split"]))
         merged = {m: {b: tuple(v) for b, v in s.items()} for m, s in self.manifest["stats"].items()}

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse_fast.errors import ConfigError
+
 from .geotiff import (DataFileError, RasterDataset, check_same_grid, default_band_names, nan_nodata, raster_info,
                       read_raster, read_stats_csv, resample, select_split)
 
@@ -72,7 +74,7 @@ class SegmentationTiles(RasterDataset):
             info = raster_info(self.modality_path(first, m))
             names = tuple((band_names or {}).get(m, default_band_names(info)))
             if len(names) != info.count:
-                raise ValueError(f"band_names for {m!r} lists {len(names)} names, {info.path} has {info.count} bands")
+                raise ConfigError(f"band_names for {m!r} lists {len(names)} names, {info.path} has {info.count} bands")
             self.available_bands[m] = names
         self._band_count = {m: len(b) for m, b in self.available_bands.items()}
         if num_classes is None:

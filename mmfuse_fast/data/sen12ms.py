@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse_fast.errors import ConfigError
+
 from .geotiff import DataFileError, RasterDataset, check_same_grid, nan_nodata, read_raster, select_split
 
 SEN12MS_S1_BANDS = ("VV", "VH")
@@ -76,7 +78,7 @@ class SEN12MS(RasterDataset):
         seasons = tuple(seasons or SEASONS)
         for s in seasons:
             if s not in SEASONS:
-                raise ValueError(f"unknown season {s!r}; valid: {list(SEASONS)}")
+                raise ConfigError(f"unknown season {s!r}; valid: {list(SEASONS)}")
         self._paths: dict[str, Path] = {}  # id -> s2 path
         for season_dir in sorted(self.root.glob("ROIs*_*")):
             if not season_dir.is_dir() or season_dir.name.split("_")[-1] not in seasons:

@@ -2,15 +2,16 @@ import json
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 import torch.nn.functional as F
-from affine import Affine
 
 from mmfuse_fast.config import S1_BANDS, S2_BANDS, DataConfig
 from mmfuse_fast.data import BIGEARTHNET_CLASSES, BigEarthNetDataError, BigEarthNetV1, build_dataset
 from mmfuse_fast.data.bands import BAND_STATS, native_size_px
 from mmfuse_fast.data.bigearthnet import CORINE_43_CLASSES, corine_43_to_19
+
+rasterio = pytest.importorskip("rasterio")
+Affine = pytest.importorskip("affine").Affine
 
 # (s2 name, s1 name, 43-class labels, expected 19-class labels)
 PATCHES = [

@@ -1,7 +1,6 @@
 import pickle
 import shutil
 
-import lmdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +20,8 @@ from mmfuse_fast.data import (
 )
 from mmfuse_fast.data.bigearthnet import class_index, label_key, shared_lmdb_env
 from mmfuse_fast.data.loader import SharedBatchLoader
+
+lmdb = pytest.importorskip("lmdb")
 
 LMDB_DIR = "BigEarthNet-V2-LMDB"
 

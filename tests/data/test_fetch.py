@@ -5,7 +5,8 @@ import zipfile
 import pytest
 
 from mmfuse_fast.data import BigEarthNetV2, fetch
-from mmfuse_fast.data.fetch import SAMPLE_FILES, WHEEL_SAMPLE_PREFIX, FetchError, fetch_bigearthnet_v2_sample
+from mmfuse_fast.data.fetch import (SAMPLE_FILES, WHEEL_SAMPLE_PREFIX, FetchError, fetch_bigearthnet_v2_sample,
+                                    find_sample)
 
 PLACEHOLDER_CONTENT = {relative: f"content of {relative}".encode() for relative in SAMPLE_FILES}
 
@@ -99,3 +100,35 @@ def test_extracted_real_sample_is_readable(ben_v2_root, tmp_path, monkeypatch):
     root = fetch_bigearthnet_v2_sample(tmp_path / "cache", download=fake_download(wheel))
     ds = BigEarthNetV2(root, split=None)
     assert len(ds) == 24 and ds[5]["s2"].shape == (12, 120, 120)
+
+
+def write_placeholder_sample(root):
+    for relative, data in PLACEHOLDER_CONTENT.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return root
+
+
+def test_find_sample_prefers_shared_data_then_the_fetched_cache(tmp_path, monkeypatch):
+    shared = tmp_path / "shared" / "data" / "bigearthnet-v2-sample"
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    assert find_sample([shared]) is None  # nothing anywhere: the tests skip, nothing is downloaded
+    cached = write_placeholder_sample(tmp_path / "cache" / "bigearthnet-v2-sample")
+    assert find_sample([shared]) == cached
+    write_placeholder_sample(shared)
+    assert find_sample([shared]) == shared
+    assert find_sample([shared], cache_dir=tmp_path / "elsewhere") == shared
+    (shared / "metadata.parquet").unlink()
+    (cached / SAMPLE_FILES[0]).unlink()
+    assert find_sample([shared]) is None  # an incomplete folder is never taken for the sample
+
+
+def test_fixture_uses_a_sample_fetched_into_the_cache(ben_v2_root, tmp_path, monkeypatch):
+    # ben_v2_root is ../shared/data's copy here; a fresh clone has only the one `make demo` fetched into the cache
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "bigearthnet-v2-sample").symlink_to(ben_v2_root, target_is_directory=True)
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    root = find_sample([tmp_path / "no_shared_data" / "bigearthnet-v2-sample"])
+    assert root == tmp_path / "cache" / "bigearthnet-v2-sample"
+    assert len(BigEarthNetV2(root, split=None)) == 24
+    assert fetch_bigearthnet_v2_sample(download=None) == root  # and `make demo` uses that copy, no download

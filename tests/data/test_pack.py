@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from mmfuse_fast.cli import main
+from mmfuse_fast.data import pack
 from mmfuse_fast.data import (SEN12MS, BigEarthNetV1, BigEarthNetV2, PackedDataset, PackError, SegmentationTiles,
                               pack_dataset, verify_pack)
 from mmfuse_fast.data.synthetic import write_bigearthnet_v1, write_sen12ms, write_seg_tiles
+from mmfuse_fast.errors import DataError
+
+pytest.importorskip("rasterio")  # the synthetic datasets are GeoTIFFs
+lmdb = pytest.importorskip("lmdb")
 
 
 def assert_same(a, b):
@@ -55,8 +60,6 @@ def test_interrupted_pack_resumes_and_is_never_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a finished pack"):
         PackedDataset(out)
     # a blob damaged in the partial pack is found on resume and packed again
-    import lmdb
-
     partial = tmp_path / "packed.partial" / "data-LMDB"
     env = lmdb.open(str(partial))
     with env.begin(write=True) as txn:
@@ -88,3 +91,54 @@ def test_verify_detects_damage_and_cli(tmp_path, capsys):
     assert main(["data", "pack", "--format", "seg_tiles", "--root", str(seg), "--out", str(tmp_path / "o3"),
                  "--option", "colour=red"]) == 2
     assert "colour" in capsys.readouterr().err
+
+
+
+def test_ctrl_c_during_pack_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    seg = write_seg_tiles(tmp_path / "seg", n=6, size=16)
+    out = tmp_path / "packed"
+    argv = ["data", "pack", "--format", "seg_tiles", "--root", str(seg), "--out", str(out), "--no-progress",
+            "--option", "num_classes=5"]
+    read_sample = pack._raster_records
+    packed = []
+
+    def ctrl_c_after_four_samples(ds, index):
+        if len(packed) == 4:
+            raise KeyboardInterrupt
+        packed.append(index)
+        return read_sample(ds, index)
+
+    monkeypatch.setattr(pack, "_raster_records", ctrl_c_after_four_samples)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("mmfuse data pack: error: pack interrupted; 4 packed samples are kept")
+    assert "run the same command again to resume" in err
+    assert not out.exists() and (tmp_path / "packed.partial").is_dir()
+
+    monkeypatch.undo()
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["resumed_verified"] == 4 and report["new"] == 2 and report["samples"] == 6
+    assert not (tmp_path / "packed.partial").exists() and not (out / "progress.jsonl").exists()
+    assert verify_pack(out)["keys"] == 6
+    assert_same(SegmentationTiles(seg, num_classes=5), PackedDataset(out))
+
+
+def test_every_reader_names_an_unknown_split(tmp_path):
+    ben = write_bigearthnet_v1(tmp_path / "ben", n=3)
+    pack_dataset("bigearthnet_v1", ben, tmp_path / "ben_packed", progress=False)
+    seg = write_seg_tiles(tmp_path / "seg", n=3, size=16)
+    pack_dataset("seg_tiles", seg, tmp_path / "seg_packed", options={"num_classes": 5}, progress=False)
+    sen = write_sen12ms(tmp_path / "sen", size=16)
+    readers = [(BigEarthNetV1, ben), (BigEarthNetV2, tmp_path / "ben_packed"), (SEN12MS, sen),
+               (SegmentationTiles, seg), (PackedDataset, tmp_path / "seg_packed")]
+    for reader, root in readers:
+        with pytest.raises(DataError) as error:
+            reader(root, split=["train", "foo"])
+        message = str(error.value)
+        assert "'foo'" in message and str(root) in message and "train, validation (or val), test" in message
+    with pytest.raises(DataError, match="'tain' .*in split_files"):
+        SegmentationTiles(seg, split_files={"tain": seg / "train.csv"})
+    with pytest.raises(DataError, match="empty split list"):
+        BigEarthNetV2(tmp_path / "ben_packed", split=[])

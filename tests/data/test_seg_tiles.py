@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
-import rasterio
 import torch
 
 from mmfuse_fast.data import DataFileError, SegmentationTiles
 from mmfuse_fast.data.synthetic import write_seg_tiles, write_tif
+
+rasterio = pytest.importorskip("rasterio")
 
 
 @pytest.fixture

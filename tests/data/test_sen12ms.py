@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
-import rasterio
 import torch
 
 from mmfuse_fast.config import DataConfig
 from mmfuse_fast.data import SEN12MS, DataFileError, build_dataset
 from mmfuse_fast.data.sen12ms import IGBP2DFC, SEN12MS_S2_BANDS, sample_id_of
 from mmfuse_fast.data.synthetic import write_sen12ms, write_tif
+
+rasterio = pytest.importorskip("rasterio")
 
 
 @pytest.fixture
