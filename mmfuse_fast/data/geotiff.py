@@ -208,6 +208,15 @@ class RasterDataset(SkipBadSamples, Dataset):
             std = np.where(std > 0, std, 1.0).astype(np.float32)
             self._mean_std[m] = (mean, std)
 
+    def normalization_stats(self) -> dict[str, dict[str, tuple[float, float]]] | None:
+        """{modality: {band: (mean, std)}} the samples are normalized with (computed now if missing); None
+        with normalize off."""
+        if not self.normalize:
+            return None
+        if self._mean_std is None:
+            self._ensure_stats()
+        return {m: {b: tuple(self.stats[m][b]) for b in self.bands[m]} for m in self.modalities}
+
     def compute_stats(self, max_samples: int | None = None) -> dict[str, dict[str, tuple[float, float]]]:
         """Per-band (mean, std) over the valid (non-nodata) pixels of up to `max_samples` evenly spread samples."""
         n = len(self)
