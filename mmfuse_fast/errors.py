@@ -6,6 +6,7 @@ and bad data, RuntimeError for run state), so `except ValueError` keeps working.
 
     MMFuseError                      exit 1
       ConfigError (ValueError)       exit 2  a config key is unknown, mistyped, out of range or cannot apply
+      UsageError (ValueError)        exit 2  command arguments that do not fit the run (e.g. predict's --input)
       DataError (ValueError)         exit 2  a sample, file or metadata table is unusable; the message names it
         BigEarthNetDataError                   a BigEarthNet patch or its metadata
           DataFileError                        a raster file (missing, corrupt, other grid)
@@ -19,7 +20,7 @@ and bad data, RuntimeError for run state), so `except ValueError` keeps working.
 
 from __future__ import annotations
 
-__all__ = ["MMFuseError", "ConfigError", "DataError", "BigEarthNetDataError", "DataFileError", "RunDirError",
+__all__ = ["MMFuseError", "ConfigError", "UsageError", "DataError", "BigEarthNetDataError", "DataFileError", "RunDirError",
            "CheckpointError", "PackError", "FetchError", "NonFiniteLossError", "Interrupted"]
 
 
@@ -31,6 +32,12 @@ class MMFuseError(Exception):
 
 class ConfigError(MMFuseError, ValueError):
     """A config key is unknown, its value has the wrong type or range, or it cannot apply to this run."""
+
+    exit_code = 2
+
+
+class UsageError(MMFuseError, ValueError):
+    """Command arguments that do not fit the run they address (inputs of another model, a run of another task)."""
 
     exit_code = 2
 

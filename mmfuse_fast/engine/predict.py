@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse_fast.data.geotiff import DataFileError, check_same_grid, default_band_names, nan_nodata, read_raster, resample
+from mmfuse_fast.data.geotiff import (DataFileError, check_same_grid, default_band_names, nan_nodata, read_raster,
+                                      resample)
+from mmfuse_fast.errors import UsageError
 
 __all__ = ["predict", "parse_inputs", "PALETTE", "write_png"]
 
@@ -37,14 +39,14 @@ def parse_inputs(items: Sequence[str]) -> dict[str, str] | list[str]:
     """["s2=a.tif", "s1=b.tif"] -> {"s2": "a.tif", "s1": "b.tif"}; ["a.tif"] -> ["a.tif"]."""
     named = [i for i in items if "=" in i and not Path(i).exists()]
     if named and len(named) != len(items):
-        raise ValueError("--input: name every input (MODALITY=PATH) or none")
+        raise UsageError("--input: name every input (MODALITY=PATH) or none")
     if not named:
         return list(items)
     out = {}
     for item in items:
         m, path = item.split("=", 1)
         if m in out:
-            raise ValueError(f"--input: modality {m!r} given twice")
+            raise UsageError(f"--input: modality {m!r} given twice")
         out[m] = path
     return out
 
@@ -100,21 +102,21 @@ def predict(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] 
     model, run_dir, cfg = load_classifier(run_dir, device)
     info = read_task_info(run_dir)
     if info["task"] != "segmentation":
-        raise ValueError(f"{run_dir} is a {info['task']!r} run; predict writes class maps of segmentation runs")
+        raise UsageError(f"{run_dir} is a {info['task']!r} run; predict writes class maps of segmentation runs")
     modalities = model.modalities
     if not isinstance(inputs, Mapping):
         inputs = list(inputs)
         if len(inputs) != len(modalities):
-            raise ValueError(f"the model takes modalities {list(modalities)}: pass one input per modality, named "
+            raise UsageError(f"the model takes modalities {list(modalities)}: pass one input per modality, named "
                              f"MODALITY=PATH")
         if len(inputs) > 1:
-            raise ValueError(f"the model takes several modalities {list(modalities)}: name the inputs "
+            raise UsageError(f"the model takes several modalities {list(modalities)}: name the inputs "
                              f"(MODALITY=PATH)")
         inputs = {modalities[0]: inputs[0]}
     missing = [m for m in modalities if m not in inputs]
     extra = [m for m in inputs if m not in modalities]
     if missing or extra:
-        raise ValueError(f"the model takes modalities {list(modalities)}; got inputs for {list(inputs)}")
+        raise UsageError(f"the model takes modalities {list(modalities)}; got inputs for {list(inputs)}")
     for path in inputs.values():
         if not Path(path).is_file():
             raise FileNotFoundError(f"input GeoTIFF not found: {path}")

@@ -2,7 +2,8 @@ import json
 
 import numpy as np
 import pytest
-import rasterio
+
+rasterio = pytest.importorskip("rasterio")
 
 from mmfuse_fast.cli import main
 from mmfuse_fast.config import FinetuneConfig, load_config
@@ -68,6 +69,11 @@ def test_predict_bad_inputs(seg_run, tmp_path, capsys):
     assert main(["predict", "--run-dir", str(run), "--input", f"rgb={tmp_path / 'missing.tif'}", "--input",
                  f"sar={sar}", "--out", str(tmp_path / "o")]) == 2
     assert "missing.tif" in capsys.readouterr().err
+    for inputs in ([f"rgb={rgb}", f"s1={sar}"], [str(rgb), str(sar)]):  # inputs of another model: one line
+        argv = [a for i in inputs for a in ("--input", i)]
+        assert main(["predict", "--run-dir", str(run), *argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "mmfuse predict: error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     rgb_ok, sar_ok = scene(tmp_path / "ok")
     assert main(["predict", "--run-dir", str(run), "--input", f"rgb={rgb_ok}", "--input", f"sar={sar_ok}",
                  "--out", str(tmp_path / "o")]) == 0
