@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_config(cls, args, default: str | None):
     config = args.config
-    if config is None and args.resume and (Path(args.run_dir) / "config.yaml").is_file():
-        config = str(Path(args.run_dir) / "config.yaml")
+    from mmfuse_fast.engine.rundir import CONFIG_NAME
+
+    if config is None and args.resume and (Path(args.run_dir) / CONFIG_NAME).is_file():
+        config = str(Path(args.run_dir) / CONFIG_NAME)
     if config is None:
         config = default
     return load_config(cls, config, args.overrides)
