@@ -11,6 +11,8 @@ of GPUs. NCCL on GPUs, gloo on CPUs; logging and checkpoints on rank 0.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,6 +23,11 @@ from torch.utils.data import Dataset, Sampler
 
 from mmfuse_fast.data.loader import SharedBatchLoader
 from mmfuse_fast.engine.data import InfiniteSampler
+
+# Modules whose functions take `group=group.WORLD` as a default argument, evaluated at import: imported after
+# init_process_group, those defaults hold the default group until exit, which defeats shutdown_distributed.
+_WORLD_DEFAULT_MODULES = ("torch.distributed.nn.functional", "torch.distributed.optim.zero_redundancy_optimizer",
+                          "torch.distributed.fsdp.sharded_grad_scaler")
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "RankSampler", "build_rank_loader",
            "wrap_model", "broadcast_flag"]
@@ -58,6 +65,8 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device 
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     owns = False
     if not dist.is_initialized():
+        for module in _WORLD_DEFAULT_MODULES:
+            importlib.import_module(module)
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
@@ -69,10 +78,22 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device 
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    """Destroys the process groups that `init_distributed` created and frees them before returning.
+
+    A gloo worker thread releases the tensors of a collective after the caller's wait() has returned, and that
+    release takes the GIL. destroy_process_group() does not stop those threads; the group's destructor joins them,
+    so the group must actually be freed here: a thread still waiting for the GIL when the interpreter finalizes is
+    killed inside a noexcept destructor (SIGABRT, "terminate called without an active exception"). Hence this
+    function drops `info`'s references and collects the cycles (autograd graphs, DDP) that may hold the group, and
+    init_distributed imports _WORLD_DEFAULT_MODULES before it creates the group. Under FSDP2, torch's DTensor
+    caches keep the device mesh and its group until exit; there the callers' final barrier (a collective without
+    Python tensors, whose wait releases the GIL) lets the threads finish releasing the earlier collectives."""
     import torch.distributed as dist
 
     if info.owns_group and dist.is_initialized():
+        info.group = info.cpu_group = None
         dist.destroy_process_group()
+        gc.collect()
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:

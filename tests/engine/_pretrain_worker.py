@@ -41,6 +41,12 @@ def main() -> int:
     if spec.get("sleep"):  # slow data: lets a test signal the run in mid-flight
         data = _Slow(data, spec["sleep"])
     out = pretrain(cfg, run_dir, resume=spec.get("resume", False), dataset=data, progress=False)
+    # shutdown_distributed frees the process group, joining its gloo threads (one still releasing a collective's
+    # tensors at interpreter exit aborts the process). FSDP2: torch's DTensor caches keep the group until exit.
+    if cfg.train.distributed != "fsdp2":
+        tasks = "/proc/self/task"
+        threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+        assert not [t for t in threads if "gloo" in t], f"gloo threads outlive the process group: {threads}"
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(out, default=str), flush=True)
     return out.get("exit_code", 0)
