@@ -1,6 +1,6 @@
 """Triton kernels of `multiscale_infonce`: one fused pass for both softmax directions, forward and backward.
 
-Notation (see mmfuse_fast/ops/infonce_chunked.py for the math): per scale s the logits are L = A Vᵀ / τ with
+Notation (see mmfuse_fast/infonce_math.py for the math): per scale s the logits are L = A Vᵀ / τ with
 A = this rank's b anchor rows and V = all B_cols views (the gathered views under a process group; row i's
 positive is column `row_offset + i`). Kernels work in log2 units (qk = L · log2 e) and fp32 accumulation; fp32
 inputs multiply as 3xTF32 (see `_precision`), fp16/bf16 inputs natively.
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse_fast.ops.infonce_chunked import (
+from mmfuse_fast.infonce_math import (
     all_gather_nograd,
     assemble_loss,
     finish_grads,
@@ -414,7 +414,7 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
 # The launchers as custom ops: torch.compile traces them through their fakes instead of into the launch code.
 
 
-@torch.library.custom_op("mmfuse_fast::infonce_fwd", mutates_args=())
+@torch.library.custom_op("mmfuse::infonce_fwd", mutates_args=())
 def infonce_fwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, ref2: Optional[torch.Tensor],
                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(row LSE (S, b), per-column sums relative to `ref2` (S, B_cols); empty when not symmetric), log2 units."""
@@ -429,7 +429,7 @@ def _(a, v, tau, ref2, symmetric):
             v.new_empty((n_scales, n_cols) if symmetric else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("mmfuse_fast::infonce_bwd", mutates_args=())
+@torch.library.custom_op("mmfuse::infonce_bwd", mutates_args=())
 def infonce_bwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, grad_out: torch.Tensor, row_lse2: torch.Tensor,
                 col_lse2: torch.Tensor, row_offset: int, coef: float,
                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +459,7 @@ class _TritonInfoNCE(torch.autograd.Function):
         if symmetric:
             pos_all = all_gather_nograd(pos, group, 1) if group is not None else pos
             ref2 = ((pos_all + REF_MARGIN) * LOG2E).contiguous()
-        row_lse2, col_sum = torch.ops.mmfuse_fast.infonce_fwd(a, v, tau, ref2, symmetric)
+        row_lse2, col_sum = torch.ops.mmfuse.infonce_fwd(a, v, tau, ref2, symmetric)
         col_lse2 = row_lse2  # placeholder saved when not symmetric
         if symmetric:
             col_lse2 = merge_partial_lse(ref2 + torch.log2(col_sum), group, base2=True).contiguous()
@@ -480,7 +480,7 @@ class _TritonInfoNCE(torch.autograd.Function):
         n_scales = v.shape[0]
         coef = loss_scale(n_scales, ctx.n_global, ctx.symmetric)
         grad_out = grad_out.to(torch.float32).contiguous()
-        d_a, d_v = torch.ops.mmfuse_fast.infonce_bwd(a, v, tau, grad_out, row_lse2, col_lse2, ctx.row_offset, coef,
+        d_a, d_v = torch.ops.mmfuse.infonce_bwd(a, v, tau, grad_out, row_lse2, col_lse2, ctx.row_offset, coef,
                                                      ctx.symmetric)
         d_anchors, d_cols, d_tau = finish_grads(ctx, d_a, d_v, a.float() if ctx.tau_needs_grad else a, 1.0 / tau,
                                                 ctx.tau_needs_grad)

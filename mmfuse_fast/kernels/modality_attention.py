@@ -1,4 +1,5 @@
-"""Triton kernels of `modality_attention` (SPEC §2): fused attention across modality token sets.
+"""Triton kernels of `modality_attention`: fused attention across modality token sets (contract: docs/architecture.md,
+"Ops and kernels").
 
 One launch covers every (batch, head, query block) of every query set. Query blocks never straddle set
 boundaries, so each program has exactly one query set; it walks only the key blocks of the sets that
@@ -18,9 +19,9 @@ Set offsets are static Python ints; they go to the device once as small int32 ta
 first call must happen outside CUDA-graph capture, which the autotuner needs anyway). Everything else is read on
 the device: no host synchronization, CUDA-graph safe.
 
-The public entry point is `modality_attention_triton`; it runs `torch.ops.mmfuse_fast.modality_attention_fwd`,
+The public entry point is `modality_attention_triton`; it runs `torch.ops.mmfuse.modality_attention_fwd`,
 a `torch.library` custom op with a fake implementation and a registered autograd formula (backward:
-`torch.ops.mmfuse_fast.modality_attention_bwd`), so `torch.compile` traces through it without graph breaks.
+`torch.ops.mmfuse.modality_attention_bwd`), so `torch.compile` traces through it without graph breaks.
 """
 
 from __future__ import annotations
@@ -462,7 +463,7 @@ def _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse_fast::modality_attention_fwd", mutates_args=())
+@torch.library.custom_op("mmfuse::modality_attention_fwd", mutates_args=())
 def modality_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: list[int], kv_segments: list[int],
     allow: Optional[torch.Tensor], q_used: Optional[torch.Tensor], kv_used: Optional[torch.Tensor], scale: float,
@@ -477,7 +478,7 @@ def _(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale):
     return q.new_empty((batch, heads, lq, d)), q.new_empty((batch, heads, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfuse_fast::modality_attention_bwd", mutates_args=())
+@torch.library.custom_op("mmfuse::modality_attention_bwd", mutates_args=())
 def modality_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     q_segments: list[int], kv_segments: list[int], allow: Optional[torch.Tensor], q_used: Optional[torch.Tensor],
@@ -501,7 +502,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, dout, dlse):
     q, k, v, out, lse, allow, q_used, kv_used = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mmfuse_fast.modality_attention_bwd(
+    dq, dk, dv = torch.ops.mmfuse.modality_attention_bwd(
         dout, q, k, v, out, lse, ctx.q_segments, ctx.kv_segments, allow, q_used, kv_used, ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -509,21 +510,21 @@ def _backward_formula(ctx, dout, dlse):
 modality_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernels cover inputs of this dtype and head dimension (no float64, 1 <= head_dim <= 256)."""
+    return dtype != torch.float64 and 0 < head_dim <= MAX_HEAD_DIM
+
+
 def modality_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Sequence[int], kv_segments: Sequence[int],
     allow: torch.Tensor | None = None, q_used: torch.Tensor | None = None, kv_used: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton backend of `mmfuse_fast.ops.modality_attention` (inputs already validated there).
-
-    float64 inputs and head dims above 256 have no kernel; they go to the reference implementation.
-    """
+    """Triton backend of `mmfuse_fast.ops.modality_attention` (inputs already validated there, `supports` true)."""
     d = q.shape[-1]
-    if q.dtype == torch.float64 or d > MAX_HEAD_DIM or d == 0:
-        from mmfuse_fast.ops.reference import modality_attention_reference
-
-        return modality_attention_reference(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale)
+    if not supports(q.dtype, d):
+        raise ValueError(f"modality_attention_triton: no kernel for {q.dtype} with head dim {d}")
     scale = float(d**-0.5 if scale is None else scale)
-    out, _ = torch.ops.mmfuse_fast.modality_attention_fwd(
+    out, _ = torch.ops.mmfuse.modality_attention_fwd(
         q, k, v, [int(n) for n in q_segments], [int(n) for n in kv_segments], allow, q_used, kv_used, scale)
     return out

@@ -1,30 +1,12 @@
-"""`crop_resize` and `random_boxes`: per-box bilinear crop-and-resize for the cross-scale branch (SPEC §2)."""
+"""`crop_resize` and `random_boxes`: per-box bilinear crop-and-resize for the cross-scale branch (contract and
+backends: docs/architecture.md, "Ops and kernels")."""
 
 from __future__ import annotations
 
 import torch
 
-from mmfuse_fast.ops import _extension
+from mmfuse_fast.ops import _backend
 from mmfuse_fast.ops.reference import crop_resize_reference, random_boxes_reference
-
-CROP_RESIZE_BACKENDS = ("auto", "extension", "reference")
-
-
-def crop_resize_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend of crop_resize for tensors on `device`: "extension" (torch.ops.mmfuse.crop_resize from
-    csrc/) where it has a kernel for that device, else "reference" (the grid_sample fallback, same semantics)."""
-    if backend not in CROP_RESIZE_BACKENDS:
-        raise ValueError(f"crop_resize: unknown backend {backend!r}; expected one of {CROP_RESIZE_BACKENDS}")
-    if backend == "reference":
-        return backend
-    device_type = torch.device(device).type
-    if _extension.has_kernel("crop_resize", device_type):
-        return "extension"
-    if backend == "extension":
-        reason = "is not built" if not _extension.AVAILABLE else f"has no {device_type} kernel"
-        raise RuntimeError(f"crop_resize: backend='extension' but mmfuse_fast._C {reason} "
-                           f"({_extension.LOAD_ERROR}); build it with `pip install --no-build-isolation -e .`")
-    return "reference"
 
 
 def _check(images, boxes, size, box_index, values=True):
@@ -72,9 +54,15 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torc
                 backend: str = "auto") -> torch.Tensor:
     """(K, C, h, w): images[box_index[k]] bilinearly sampled on an h x w grid over boxes[k] = (x1, y1, x2, y2).
 
-    Differentiable in `images`. `backend`: "auto" (the C++/CUDA extension when it is built and has a kernel for the
-    device, else the grid_sample fallback), "extension" (error when not built) or "reference"."""
-    resolved = crop_resize_backend(backend, images.device)
+    Differentiable in `images`. `backend`:
+      "extension"  the C++/CUDA op torch.ops.mmfuse.crop_resize (csrc/); an error where it is not built or has no
+                   kernel for the device
+      "reference"  grid_sample in plain PyTorch, the same sampling points
+      "auto"       extension where it is built and has a kernel for the device, else reference
+      "triton"     the name `model.ops_backend` gives the fast ops: crop_resize has no Triton kernel, so it means
+                   its fast path, the same as "auto"
+    The model passes its `ops_backend` ("auto" | "triton" | "reference") here as it does to the other ops."""
+    resolved = _backend.resolve(backend, images, "crop_resize")
     _check(images, boxes, size, box_index, values=resolved == "reference")
     out_h, out_w = int(size[0]), int(size[1])
     if resolved == "reference":

@@ -1,4 +1,5 @@
-"""`multiscale_infonce`: InfoNCE between full-view and crop-view embeddings at several scales (SPEC §2)."""
+"""`multiscale_infonce`: InfoNCE between full-view and crop-view embeddings at several scales (contract and
+backends: docs/architecture.md, "Ops and kernels")."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ import torch
 from mmfuse_fast.ops import _backend
 from mmfuse_fast.ops.infonce_chunked import multiscale_infonce_chunked
 from mmfuse_fast.ops.reference import multiscale_infonce_reference
-
-# Internal backend name (not part of SPEC §2): the memory-linear PyTorch path that "auto" uses without Triton.
-CHUNKED = "chunked"
-
 
 def _check(anchors, views, temperature):
     if views.dim() != 3:
@@ -34,20 +31,17 @@ def multiscale_infonce(anchors, views, temperature=0.1, symmetric=True, group=No
     """Mean over scales s of CE(anchors[s] . views[s]^T / tau, diagonal), averaged with the transposed direction
     when `symmetric`. With `group`, negatives come from the global batch of the process group.
 
-    Backends: "triton" = fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "reference" = the naive oracle
-    (materializes S x B x B logits); "auto" = Triton on CUDA, else the chunked PyTorch path
-    (mmfuse_fast/ops/infonce_chunked.py), which never materializes B x B either. "chunked" forces that path.
+    Backends: "triton" = fused kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "chunked" = plain PyTorch over
+    row chunks (mmfuse_fast/ops/infonce_chunked.py), memory linear in B; "reference" = the naive oracle
+    (materializes S x B x B logits); "auto" = triton for CUDA tensors (not float64), else chunked.
     """
     _check(anchors, views, temperature)
-    if backend == CHUNKED:
-        return multiscale_infonce_chunked(anchors, views, temperature, symmetric, group)
-    chosen = _backend.resolve(backend, views, "multiscale_infonce")
-    if chosen == "triton" and backend == "auto" and torch.float64 in (anchors.dtype, views.dtype):
-        chosen = "reference"  # the kernels compute in fp32; fp64 callers get the exact chunked path
+    dtype = torch.promote_types(anchors.dtype, views.dtype)
+    chosen = _backend.resolve(backend, views, "multiscale_infonce", dtype=dtype)
     if chosen == "triton":
         from mmfuse_fast.kernels.infonce import multiscale_infonce_triton
 
         return multiscale_infonce_triton(anchors, views, temperature, symmetric, group)
-    if backend == "auto":
+    if chosen == "chunked":
         return multiscale_infonce_chunked(anchors, views, temperature, symmetric, group)
     return multiscale_infonce_reference(anchors, views, temperature, symmetric, group)

@@ -1,129 +1,23 @@
 """Memory-linear `multiscale_infonce` in plain PyTorch (the CPU path of `backend="auto"`).
 
 Same algorithm as the Triton kernels, expressed with chunks of rows instead of register tiles: the S x B x B
-logits never exist, only S x chunk x B_cols slices of them (a fixed byte budget), plus O(S·B) statistics.
-
-Math (per scale s, A = anchors[s], V = views[s], L = A Vᵀ / τ, c = 1 / (S·B·(1 + symmetric))):
-
-    loss  = c · Σ_s [ Σ_i (rowLSE_i − L_ii) + symmetric · Σ_j (colLSE_j − L_jj) ]
-    G     = c · ( softmax_row(L) + symmetric · softmax_col(L) − (1 + symmetric) · I )
-    dA    = G V / τ,      dV = Gᵀ A / τ,      dτ = −Σ G ∘ L / τ = −(1/τ) Σ_i A_i · dA_i
-
-Forward keeps only rowLSE (S, b) and colLSE (S, B_cols); backward recomputes the logits chunk by chunk.
-
-Distributed (`group`): every rank holds b = B / world rows. It scores its rows against the gathered views (the
-global columns) in ONE pass: its row LSEs are complete; its column LSEs are partial (its rows only) and are merged
-across ranks with two small all_reduces (max, then sum of exp). The loss of the rank's rows and of the rank's own
-columns is summed and all_reduced, so every rank returns the global loss. Backward gives each rank the gradient of
-the global loss restricted to its row block; the all_gather of the views sums the column gradients of all ranks, so
-the local embeddings receive exactly d(global loss)/d(local embeddings), as in `multiscale_infonce_reference`.
-The temperature gradient on each rank is its block's share; their sum over ranks is the single-process gradient
-(the same convention as the reference, and what DDP's gradient all-reduce expects).
+logits never exist, only S x chunk x B_cols slices of them (a fixed byte budget), plus O(S·B) statistics. Forward
+keeps only rowLSE (S, b) and colLSE (S, B_cols); backward recomputes the logits chunk by chunk. The math and the
+distributed scheme: mmfuse_fast/infonce_math.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mmfuse_fast.infonce_math import assemble_loss, finish_grads, function_args, loss_scale, merge_partial_lse, \
+    temperature_tensor
+
 DEFAULT_CHUNK_BYTES = 32 * 2**20  # bytes of one fp32 S x chunk x B_cols logits slice
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers shared with the Triton path (mmfuse_fast/kernels/infonce.py)
-# --------------------------------------------------------------------------------------------------------------
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def temperature_tensor(temperature, device, dtype=torch.float32) -> torch.Tensor:
-    """The temperature as a 0-d tensor on `device` (no host round trip for tensors)."""
-    if isinstance(temperature, torch.Tensor):
-        return temperature.detach().to(device=device, dtype=dtype)
-    return torch.full((), float(temperature), device=device, dtype=dtype)
-
-
-def group_info(group):
-    """(rank, world) of `group`, or (0, 1) without one."""
-    if group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def gather_columns(views: torch.Tensor, group) -> torch.Tensor:
-    """All views of the group concatenated along the batch, differentiable (backward sums over ranks)."""
-    if group is None:
-        return views
-    from mmfuse_fast.ops.reference import all_gather_batch
-
-    return all_gather_batch(views, group)
-
-
-def function_args(anchors, views, temperature, symmetric, group) -> tuple:
-    """The leading arguments both autograd Functions (chunked and Triton) take: anchors, the global columns, the
-    temperature as a tensor or a float, symmetric, this rank's first row, the global batch and the group."""
-    rank, _ = group_info(group)
-    cols = gather_columns(views, group)
-    temp_t = temperature if isinstance(temperature, torch.Tensor) else None
-    temp_v = None if temp_t is not None else float(temperature)
-    return anchors, cols, temp_t, temp_v, bool(symmetric), rank * views.shape[1], cols.shape[1], group
-
-
-def all_gather_nograd(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def merge_partial_lse(partial_lse: torch.Tensor, group, base2: bool = False) -> torch.Tensor:
-    """log Σ_ranks exp(partial_lse), elementwise (log2/exp2 when `base2`); identity without a group. No host sync."""
-    if group is None:
-        return partial_lse
-    import torch.distributed as dist
-
-    top = partial_lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = (torch.exp2 if base2 else torch.exp)(partial_lse - top_safe)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return top_safe + (torch.log2 if base2 else torch.log)(total)
-
-
-def assemble_loss(row_lse, col_lse, pos, symmetric: bool, row_offset: int, n_global: int, group):
-    """Global loss from the statistics of this rank: its rows, and its own columns (the diagonal block)."""
-    n_scales, b = pos.shape
-    total = (row_lse - pos).sum()
-    if symmetric:
-        total = total + (col_lse[:, row_offset:row_offset + b] - pos).sum()
-    loss = total / (n_scales * n_global * (2 if symmetric else 1))
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(loss, group=group)
-    return loss
-
-
-def loss_scale(n_scales: int, n_global: int, symmetric: bool) -> float:
-    return 1.0 / (n_scales * n_global * (2 if symmetric else 1))
-
-
-def finish_grads(ctx, d_anchors_acc, d_cols_acc, anchors_c, inv_t, grad_tau_needed):
-    """Casts the fp32 accumulators to the input dtypes and derives dτ = −(1/τ) Σ A · dA."""
-    d_tau = None
-    if grad_tau_needed:
-        d_tau = -(inv_t * (anchors_c * d_anchors_acc).sum())
-        d_tau = d_tau.to(device=ctx.tau_device, dtype=ctx.tau_dtype)
-    return d_anchors_acc.to(ctx.anchors_dtype), d_cols_acc.to(ctx.views_dtype), d_tau
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Chunked PyTorch implementation
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _rows_per_chunk(n_scales: int, n_cols: int, chunk_bytes: int, elem: int = 4) -> int:

@@ -1,4 +1,5 @@
-"""`modality_attention`: attention across modality token sets with a set-level allow matrix (SPEC §2)."""
+"""`modality_attention`: attention across modality token sets with a set-level allow matrix (contract and backends:
+docs/architecture.md, "Ops and kernels")."""
 
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ def modality_attention(
 ) -> torch.Tensor:
     """Queries of set i attend to the used keys of every set j with allow[i, j]; (B, H, Lq, D) out.
 
-    Rows with no allowed, used key and padding queries (past q_used) return zeros.
+    Rows with no allowed, used key and padding queries (past q_used) return zeros. `backend`: "triton" (fused
+    kernels; CUDA, or the CPU under TRITON_INTERPRET=1; float64 and head dims above 256, which have no kernel, run
+    the reference), "reference" (plain PyTorch, the full score matrix) or "auto" (triton for CUDA tensors, else
+    reference).
     """
     q_segments, kv_segments = [int(n) for n in q_segments], [int(n) for n in kv_segments]
     _check(q, k, v, q_segments, kv_segments, allow, q_used, kv_used)
     chosen = _backend.resolve(backend, q, "modality_attention")
     if chosen == "triton":
-        from mmfuse_fast.kernels.modality_attention import modality_attention_triton
+        from mmfuse_fast.kernels import modality_attention as kernels
 
-        return modality_attention_triton(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale)
+        if kernels.supports(q.dtype, q.shape[-1]):
+            return kernels.modality_attention_triton(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale)
     return modality_attention_reference(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale)

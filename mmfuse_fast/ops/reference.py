@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations of the fused ops.
+"""Plain-PyTorch implementations of the fused ops (the contract of each: docs/architecture.md, "Ops and kernels").
 
 Each function here is at once the CPU fallback, the test oracle of the fast backends and the benchmark
 baseline. They favour obviousness over memory: the attention reference materializes the full score matrix and
@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from mmfuse_fast.infonce_math import all_gather_batch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,7 +41,7 @@ def used_token_mask(segments: Sequence[int], used: torch.Tensor | None, batch: i
 
 
 def modality_attention_reference(q, k, v, q_segments, kv_segments, allow=None, q_used=None, kv_used=None, scale=None):
-    """Softmax attention in which query set i sees key set j only where allow[i, j] (SPEC §2)."""
+    """Softmax attention in which query set i sees key set j only where allow[i, j]."""
     batch, _, _, head_dim = q.shape
     device = q.device
     scale = head_dim**-0.5 if scale is None else scale
@@ -77,44 +79,6 @@ def _directional_ce_sum(rows: torch.Tensor, cols: torch.Tensor, temperature, fir
     return F.cross_entropy(logits.flatten(0, 1), targets.repeat(rows.shape[0]), reduction="sum")
 
 
-class _AllGatherBatch(torch.autograd.Function):
-    """Concatenates `x` (S, b, D) of every rank along dim 1; backward sums the gradients of all ranks.
-
-    Not torch.distributed.nn.functional.all_gather: its backward on gloo (torch 2.13) scatters into
-    `empty_like` buffers of the non-contiguous gradient slices that torch.cat's backward hands it, which
-    silently permutes the gradient elements of any tensor gathered along a non-leading dimension.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        import torch.distributed as dist
-
-        ctx.group = group
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        n_scales, n_global, dim = grad.shape
-        per_rank = grad.reshape(n_scales, world, n_global // world, dim).transpose(0, 1).contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            out = torch.empty_like(per_rank[0])
-            dist.reduce_scatter_tensor(out, per_rank.flatten(0, 1), group=ctx.group)
-            return out, None
-        dist.all_reduce(per_rank, group=ctx.group)  # gloo has no reduce_scatter
-        return per_rank[rank], None
-
-
-def all_gather_batch(x: torch.Tensor, group) -> torch.Tensor:
-    """(S, b, D) on every rank -> (S, world·b, D), differentiable: each rank gets the sum of all ranks' gradients."""
-    return _AllGatherBatch.apply(x, group)
-
-
 def multiscale_infonce_reference(anchors, views, temperature=0.1, symmetric=True, group=None):
     """Mean over scales of the InfoNCE loss between anchors[s] and views[s]; materializes the S x B x B logits."""
     if anchors.dim() == 2:
@@ -148,7 +112,7 @@ def multiscale_infonce_reference(anchors, views, temperature=0.1, symmetric=True
 
 
 def crop_resize_reference(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torch.Tensor | None = None):
-    """Bilinear crop-and-resize through grid_sample; sample points clamped to the image (SPEC §2)."""
+    """Bilinear crop-and-resize through grid_sample; sample points clamped to the image."""
     _, _, height, width = images.shape
     out_h, out_w = size
     if box_index is None:

@@ -1,5 +1,6 @@
-"""crop_resize / random_boxes: every backend against a float64 Python-loop reference (SPEC §2), F.interpolate,
-each other, gradcheck, opcheck and the errors on bad input. Extension cases skip when mmfuse_fast._C is not built."""
+"""crop_resize / random_boxes: every backend against a float64 Python-loop reference (the formula of
+docs/architecture.md, "Ops and kernels"), F.interpolate, each other, gradcheck, opcheck and the errors on bad input.
+Extension cases skip when mmfuse_fast._C is not built."""
 
 import math
 import os
@@ -19,7 +20,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
 def loop_reference(images, boxes, size, box_index=None):
-    """The SPEC §2 formula, one output value at a time, in Python float64."""
+    """The formula of docs/architecture.md ("crop_resize"), one output value at a time, in Python float64."""
     n, c, height, width = images.shape
     out_h, out_w = size
     box_index = list(range(n)) if box_index is None else box_index.tolist()
@@ -237,8 +238,8 @@ def test_unknown_backend():
 
 def test_without_extension_the_package_falls_back():
     code = ("import torch; from mmfuse_fast.ops import crop_resize, _extension\n"
-            "from mmfuse_fast.ops.crop_resize import crop_resize_backend\n"
-            "assert not _extension.AVAILABLE and crop_resize_backend('auto', 'cpu') == 'reference'\n"
+            "from mmfuse_fast.ops._backend import resolve\n"
+            "assert not _extension.AVAILABLE and resolve('auto', 'cpu', 'crop_resize') == 'reference'\n"
             "x = torch.arange(16.0).reshape(1, 1, 4, 4).requires_grad_()\n"
             "out = crop_resize(x, torch.tensor([[0.0, 0.0, 4.0, 4.0]]), (4, 4))\n"
             "out.sum().backward(); assert torch.equal(out.detach(), x.detach())\n"

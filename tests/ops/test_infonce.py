@@ -1,4 +1,5 @@
-"""`multiscale_infonce`: Triton (fused) and chunked PyTorch backends against the naive reference (SPEC §2, §4).
+"""`multiscale_infonce`: Triton (fused) and chunked PyTorch backends against the naive reference (contract:
+docs/architecture.md, "Ops and kernels"; tolerances: docs/method.md, "Conventions").
 
 On a CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton
 is imported): fp32 and fp16, small shapes. bf16 and timings are GPU-only (`@pytest.mark.gpu`).
@@ -127,17 +128,18 @@ def test_triton_custom_ops_opcheck():
     tau = torch.tensor(0.1, device=DEVICE)
     ref2 = torch.zeros(2, 9, device=DEVICE)
     for symmetric in (True, False):
-        result = torch.library.opcheck(torch.ops.mmfuse_fast.infonce_fwd.default,
+        result = torch.library.opcheck(torch.ops.mmfuse.infonce_fwd.default,
                                        (a, v, tau, ref2 if symmetric else None, symmetric))
         assert set(result.values()) == {"SUCCESS"}, result
     lse = torch.zeros(2, 9, device=DEVICE)
-    result = torch.library.opcheck(torch.ops.mmfuse_fast.infonce_bwd.default,
+    result = torch.library.opcheck(torch.ops.mmfuse.infonce_bwd.default,
                                    (a, v, tau, torch.ones((), device=DEVICE), lse, lse, 0, 0.5, True))
     assert set(result.values()) == {"SUCCESS"}, result
 
 
 def _check_low_precision(fn, case, dtype):
-    """SPEC §4: error vs the fp32 reference ≤ 2x the error of the same-dtype PyTorch reference (+ a tiny floor)."""
+    """The low-precision tolerance rule (docs/method.md, "Conventions"): error vs the fp32 reference ≤ 2x the error
+    of the same-dtype PyTorch reference (+ a tiny floor)."""
     n_scales, batch, dim, shared, symmetric, tkind = case
     anchors, views = _inputs(n_scales, batch, dim, shared, torch.float32, seed=batch + dim)
     t = _temperature(tkind)
