@@ -5,7 +5,7 @@
 `train.batch_size` is the *global* batch of one optimizer step. Step k trains on samples [k·B, (k+1)·B) of the
 seeded sample stream (engine/data.py); rank r takes the r-th contiguous slice of B / world samples, split into
 `grad_accum_steps` micro-batches. The data order, the masks and the crops (drawn for the global batch, see
-`MMFuseMAE.contrastive_group`) are therefore the same whatever the world size: a run may resume on another number
+`set_data_parallel_group`, models/contract.py) are therefore the same whatever the world size: a run may resume on another number
 of GPUs. NCCL on GPUs, gloo on CPUs; logging and checkpoints on rank 0.
 """
 
@@ -153,7 +153,9 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str,
                amp_dtype: torch.dtype | None) -> nn.Module:
     """DDP (default) or FSDP2 (`fully_shard` per transformer block, then the root) around `model`."""
-    model.contrastive_group = info.group
+    set_group = getattr(model, "set_data_parallel_group", None)  # global-batch losses (models/contract.py)
+    if set_group is not None:
+        set_group(info.group)
     if not info.enabled:
         return model
     if strategy == "fsdp2":

@@ -29,6 +29,7 @@ from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everyt
 from mmfuse_fast.engine.step import TrainStep
 from mmfuse_fast.engine.tasks import TaskObjective, build_classifier, get_task
 from mmfuse_fast.errors import CheckpointError, ConfigError, DataError
+from mmfuse_fast.ops import check_backend_available
 
 __all__ = ["finetune", "FeatureCache", "draw_label_subset", "backbone_config"]
 
@@ -160,6 +161,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     cfg = dataclasses.replace(cfg, model=model_cfg)  # config.yaml records the backbone actually trained
     run_dir, ckpt = prepare_run_dir(run_dir, resume)
     device = resolve_device(cfg.train.device)
+    check_backend_available(model_cfg.ops_backend, device)
     seed_everything(cfg.train.seed)
     task = get_task(cfg.task)
 

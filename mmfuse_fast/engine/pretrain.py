@@ -23,6 +23,7 @@ from mmfuse_fast.engine.optim import build_optimizer
 from mmfuse_fast.engine.rundir import prepare_run_dir, write_run_configs
 from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everything, validate_config
 from mmfuse_fast.engine.step import TrainStep, resolve_amp
+from mmfuse_fast.ops import check_backend_available
 
 __all__ = ["pretrain"]
 
@@ -55,6 +56,7 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
 
     tc = cfg.train
     device = dist_device if dist_device is not None else resolve_device(tc.device)
+    check_backend_available(cfg.model.ops_backend, device)
     batch_size, accum, world = tc.batch_size, tc.grad_accum_steps, info.world
     if batch_size % (world * accum):
         raise ConfigError(f"config key 'train.batch_size' ({batch_size}, the global batch) must be a multiple of "

@@ -156,6 +156,10 @@ class MMFuseMAE(nn.Module):
         """Levels of forward_intermediates: after the fusion stem (stem + CAF), then after each encoder block."""
         return len(self.blocks) + 1
 
+    def set_data_parallel_group(self, group) -> None:
+        """The engine's data-parallel process group (None: one process): the contrastive negatives come from it."""
+        self.contrastive_group = group
+
     @property
     def contrastive_group(self):
         return self._contrastive_group
@@ -303,7 +307,7 @@ class MMFuseMAE(nn.Module):
     def contrastive_loss(self, imgs: dict[str, torch.Tensor], latent: dict[str, torch.Tensor], noise: dict):
         """Cross-scale InfoNCE between the (masked) full view and a masked random crop of the same scene."""
         _, _, h, w = next(iter(imgs.values())).shape
-        crops = {m: ops.crop_resize(x, noise["boxes"], (h, w)) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
+        crops = {m: ops.crop_resize(x, noise["boxes"], (h, w), backend=self.cfg.ops_backend) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
         crop_visible, _, _ = self.mask(self.tokenize(crops), noise["crop_mask"])
         crop_latent = self.encode_tokens(crop_visible)
 

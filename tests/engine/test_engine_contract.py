@@ -261,3 +261,15 @@ def test_progress_bar_shows_throughput_mfu_and_memory():
 
 def test_optim_config_knows_the_schedule_key():
     assert dataclasses.fields(OptimConfig)[-1].name == "weight_decay_end"
+
+
+def test_an_ops_backend_that_cannot_run_here_is_one_line(tmp_path, monkeypatch, capsys):
+    from mmfuse_fast.cli import main
+    from mmfuse_fast.ops import _backend
+
+    monkeypatch.setattr(_backend, "_TRITON_INSTALLED", False)
+    code = main(["pretrain", "--run-dir", str(tmp_path / "run"), "--no-progress", "--set",
+                 "model.ops_backend=triton", "--set", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.ops_backend" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

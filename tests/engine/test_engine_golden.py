@@ -27,8 +27,12 @@ def _close(ours, theirs, rel):
 
 
 def test_pretraining_trajectory_is_unchanged(numbers, golden):
-    # Bit-identical: the same ops in the same order on one CPU thread.
-    assert numbers["pretrain"] == golden["pretrain"]
+    # The first step's reconstruction loss does not involve the crop: bit-identical (same ops, same order, one
+    # thread). The golden run cropped with the C++ extension whatever the model's ops_backend; with
+    # ops_backend=reference the crop now goes through the PyTorch reference crop_resize (the same bilinear formula,
+    # its float ops in another order), so the trajectory equals the golden one to 1e-6 relative (6.3e-7 measured).
+    assert numbers["pretrain"][0]["loss_rec"] == golden["pretrain"][0]["loss_rec"]
+    _close(numbers["pretrain"], golden["pretrain"], 1e-6)
 
 
 def test_probe_and_finetune_trajectories_are_unchanged(numbers, golden):
