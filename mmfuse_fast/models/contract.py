@@ -13,7 +13,9 @@ Pretraining (engine/step.py's TrainStep):
 `step_t` is the device step counter (float64 0-d, the 0-based index of this update) and `skipped` a 0-d bool,
 true when the step was skipped (non-finite loss or gradient): hooks must not read either on the host. Schedules
 that change per step (teacher temperature, momentum) are computed from `step_t` with engine/schedule.py. A model
-that needs the run's length defines `set_total_steps(n)`, called once before training.
+that needs the run's length defines `set_total_steps(n)`, called once before training. A model with global-batch
+terms (contrastive negatives, DINO centering) defines `set_data_parallel_group(group)`: the engine hands it the
+data-parallel process group (None for one process) before training.
 
 Backbone (downstream heads, segmentation, prediction):
 
