@@ -10,6 +10,7 @@ sliding windows). The run directory's files are listed in engine/rundir.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -177,9 +178,10 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
         train_set = RandomCrop(train_set, model_cfg.img_size, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device)
 
-    step = 0
+    step, engine_state = 0, {}
     if ckpt is not None:
-        step = restore_training_state(ckpt, model, optimizer, cfg, {})["step"]
+        state = restore_training_state(ckpt, model, optimizer, cfg, {})
+        step, engine_state = state["step"], state.get("engine", {})
     truncate_metrics(run_dir, step)
     write_run_configs(run_dir, cfg, backbone=model_cfg)
     write_task_info(run_dir, info)
@@ -194,6 +196,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     step_fn = TrainStep(objective, optimizer, device=device, optim_cfg=cfg.optim, total_steps=cfg.train.steps,
                         amp=cfg.train.amp, max_bad_steps=cfg.train.max_bad_steps,
                         cuda_graph=cfg.train.cuda_graph, start_step=step)
+    step_fn.load_state_dict(engine_state)
     objective.train()
     summary = run_loop(Run(run_dir=run_dir, model=model, optimizer=optimizer, step_fn=step_fn, batches=iter(loader),
                            train=cfg.train, optim_cfg=cfg.optim, cfg_hash=config_hash(cfg),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mmfuse_fast.config import TrainConfig
+from mmfuse_fast.config import OptimConfig, TrainConfig
 from mmfuse_fast.engine.checkpoint import (config_hash, load_checkpoint, resolve_weights, rng_state, save_checkpoint,
                                            set_rng_state)
 from mmfuse_fast.engine.distributed import DistInfo, broadcast_flag
@@ -108,7 +108,7 @@ class Run:
     step_fn: TrainStep
     batches: Iterator[dict]  # this rank's micro-batches, grad_accum_steps per step
     train: TrainConfig
-    optim_cfg: object
+    optim_cfg: OptimConfig
     cfg_hash: str
     desc: str
     start_step: int = 0

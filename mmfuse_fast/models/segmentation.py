@@ -11,7 +11,6 @@ conv) give logits at stride p/4, bilinearly upsampled to the input size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch

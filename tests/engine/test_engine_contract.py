@@ -273,3 +273,23 @@ def test_an_ops_backend_that_cannot_run_here_is_one_line(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2 and "model.ops_backend" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_finetuning_resumes_through_the_same_loop(tiny_overrides, tmp_path, synthetic):
+    pt = tmp_path / "pt"
+    pretrain(load_config(PretrainConfig, None, tiny_overrides + ["train.steps=1", "train.batch_size=2"]), pt,
+             dataset=synthetic(n=2), progress=False)
+
+    def cfg(steps):
+        return load_config(FinetuneConfig, None, [f"pretrained={pt}", "mode=full", f"train.steps={steps}",
+                                                  "train.checkpoint_every=2", "train.batch_size=3", "eval_split=",
+                                                  "train.log_every=1"])
+
+    straight = finetune(cfg(4), tmp_path / "a", dataset=synthetic(n=5), progress=False)
+    finetune(cfg(2), tmp_path / "b", dataset=synthetic(n=5), progress=False)
+    resumed = finetune(cfg(4), tmp_path / "b", resume=True, dataset=synthetic(n=5), progress=False)
+    a = load_file(str(Path(straight["checkpoint"]) / "model.safetensors"))
+    b = load_file(str(Path(resumed["checkpoint"]) / "model.safetensors"))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
