@@ -33,8 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmfuse_fast.config import to_dict
-from mmfuse_fast.engine.rundir import CHECKPOINT_DIR, LATEST_NAME, STATE_NAME, WEIGHTS_NAME
+from mmfuse_fast.engine.distributed import unwrap_model
 from mmfuse_fast.errors import CheckpointError
+
+# the checkpoint layout inside a run directory (engine/rundir.py names the rest of the run's files)
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "train_state.pt"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_NAME = "latest"
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -110,19 +116,8 @@ def _fsync_dir(directory: Path) -> None:
 # --- weights -----------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / torch.compile wrappers keep the real module in .module / ._orig_mod
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def _weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = _unwrap(model).state_dict()
+    state = unwrap_model(model).state_dict()
     out, seen = {}, set()
     for key, t in state.items():
         t = t.detach()
@@ -149,7 +144,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
 
     With `strict`, any missing or unexpected key raises a CheckpointError listing them."""
     path = resolve_weights(path)
-    target = _unwrap(model)
+    target = unwrap_model(model)
     device = next(iter(target.state_dict().values()), torch.empty(0)).device
     tensors = load_file(str(path), device=str(device) if device.type != "meta" else "cpu")
     own = target.state_dict()

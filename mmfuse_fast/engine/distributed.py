@@ -30,7 +30,7 @@ _WORLD_DEFAULT_MODULES = ("torch.distributed.nn.functional", "torch.distributed.
                           "torch.distributed.fsdp.sharded_grad_scaler")
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "RankSampler", "build_rank_loader",
-           "wrap_model", "broadcast_flag"]
+           "wrap_model", "unwrap_model", "broadcast_flag"]
 
 
 @dataclass
@@ -148,6 +148,17 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     from mmfuse_fast.models.layers import Block, CrossBlock
 
     return [m for m in model.modules() if isinstance(m, (Block, CrossBlock))]
+
+
+def unwrap_model(net: nn.Module) -> nn.Module:
+    """The model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers; FSDP2 shards in place."""
+    while True:
+        if hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        elif isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        else:
+            return net
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str,

@@ -177,10 +177,11 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     if cfg.task == "segmentation":
         train_set = RandomCrop(train_set, model_cfg.img_size, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device)
+    cfg_hash = config_hash(cfg)
 
     step, engine_state = 0, {}
     if ckpt is not None:
-        state = restore_training_state(ckpt, model, optimizer, cfg, {})
+        state = restore_training_state(ckpt, model, optimizer, cfg_hash, {})
         step, engine_state = state["step"], state.get("engine", {})
     truncate_metrics(run_dir, step)
     write_run_configs(run_dir, cfg, backbone=model_cfg)
@@ -199,7 +200,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     step_fn.load_state_dict(engine_state)
     objective.train()
     summary = run_loop(Run(run_dir=run_dir, model=model, optimizer=optimizer, step_fn=step_fn, batches=iter(loader),
-                           train=cfg.train, optim_cfg=cfg.optim, cfg_hash=config_hash(cfg),
+                           train=cfg.train, optim_cfg=cfg.optim, cfg_hash=cfg_hash,
                            desc=f"finetune {cfg.task} ({cfg.mode})", start_step=step, last_checkpoint=ckpt,
                            progress=progress))
     if cfg.eval_split and summary["checkpoint"] is not None:

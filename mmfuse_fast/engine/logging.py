@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +21,7 @@ from tqdm.auto import tqdm
 
 from mmfuse_fast.engine.rundir import METRICS_NAME
 
-__all__ = ["LoggingConfig", "MetricLogger", "progress_fields", "read_metrics", "truncate_metrics"]
-
-
-@dataclass
-class LoggingConfig:
-    every: int = 10  # steps per metrics.jsonl line (and progress-bar update)
-    progress: bool = True  # show a tqdm bar
+__all__ = ["MetricLogger", "progress_fields", "read_metrics", "truncate_metrics"]
 
 
 class MetricLogger:
@@ -36,16 +29,14 @@ class MetricLogger:
     device by the TrainStep and read once per interval (`TrainStep.read_metrics`); this class only counts steps,
     writes what it is given and shows its headline fields."""
 
-    def __init__(self, run_dir: str | Path, config: LoggingConfig, total_steps: int, start_step: int = 0,
-                 desc: str = "train", batch_size: int = 1):
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, desc: str = "train",
+                 progress: bool = True):
         self.path = Path(run_dir) / METRICS_NAME
-        self.config = config
-        self.batch_size = batch_size
         self._file = open(self.path, "a")
         self._t0 = time.perf_counter()
         self.last: dict = {}
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                        disable=not config.progress, mininterval=0.5)
+                        disable=not progress, mininterval=0.5)
 
     def tick(self, step: int) -> None:
         """Counts one step on the progress bar."""

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from mmfuse_fast.config import OptimConfig, TrainConfig
-from mmfuse_fast.engine.checkpoint import (config_hash, load_checkpoint, resolve_weights, rng_state, save_checkpoint,
-                                           set_rng_state)
+from mmfuse_fast.engine.checkpoint import load_checkpoint, resolve_weights, rng_state, save_checkpoint, set_rng_state
 from mmfuse_fast.engine.distributed import DistInfo, broadcast_flag
-from mmfuse_fast.engine.logging import LoggingConfig, MetricLogger
+from mmfuse_fast.engine.logging import MetricLogger
 from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops
 from mmfuse_fast.engine.schedule import lr_at
 from mmfuse_fast.engine.step import TrainStep, nvtx_range
@@ -35,24 +34,24 @@ from mmfuse_fast.errors import CheckpointError
 __all__ = ["Run", "run_loop", "StopSignal", "training_state", "restore_training_state"]
 
 
-def training_state(step: int, optimizer: torch.optim.Optimizer, samples_seen: int, cfg_hash: str,
+def training_state(step: int, optimizer_state: dict, samples_seen: int, cfg_hash: str,
                    generators: dict[str, torch.Generator]) -> dict:
     """What besides the weights a run needs to continue exactly: plain values and tensors only."""
     return {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "samples_seen": samples_seen,
         "config_hash": cfg_hash,
         "rng": rng_state(generators),
     }
 
 
-def restore_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg,
+def restore_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg_hash: str,
                            generators: dict[str, torch.Generator], fsdp: bool = False) -> dict:
     """Loads a checkpoint into the model (unless FSDP2-sharded: then the full state dicts are set after), the
-    optimizer and the generators; refuses one written with another config, naming what may change."""
+    optimizer and the generators; refuses one written with another config (`cfg_hash`: engine.checkpoint's
+    config_hash of this run's config), naming what may change."""
     state = load_checkpoint(ckpt, None if fsdp else model)
-    cfg_hash = config_hash(cfg)
     if state.get("config_hash") != cfg_hash:
         raise CheckpointError(
             f"cannot resume from {ckpt}: the config differs from the run's (hash {state.get('config_hash')} vs "
@@ -136,9 +135,7 @@ class Run:
             optim_state = self.optimizer.state_dict()
         path = None
         if self.info.is_main:
-            state = training_state(step, self.optimizer, step * self.train.batch_size, self.cfg_hash,
-                                   self.generators)
-            state["optimizer"] = optim_state
+            state = training_state(step, optim_state, step * self.train.batch_size, self.cfg_hash, self.generators)
             state["engine"] = self.step_fn.state_dict()
             path = save_checkpoint(self.run_dir, step, self.model, state, model_state=model_state)
         if self.info.enabled:
@@ -158,8 +155,8 @@ def run_loop(run: Run) -> dict:
     group = info.group if info.enabled else None
     meter = ThroughputMeter(device, tc.batch_size, run.flops_per_sample, peak_tflops(device, step_fn.amp_dtype))
     tb = TensorBoardWriter(run.run_dir, enabled=info.is_main)  # before the progress bar: it may print a note
-    logger = MetricLogger(run.run_dir, LoggingConfig(every=tc.log_every, progress=run.progress), total_steps=steps,
-                          start_step=step, desc=run.desc, batch_size=tc.batch_size) if info.is_main else None
+    logger = MetricLogger(run.run_dir, total_steps=steps, start_step=step, desc=run.desc,
+                          progress=run.progress) if info.is_main else None
     last_ckpt, interrupted = run.last_checkpoint, None
     stop = StopSignal()
     stop.install()

@@ -76,10 +76,11 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     optimizer = build_optimizer(model, cfg.optim, device)
     generator = torch.Generator(device).manual_seed(tc.seed)  # masks and crops (drawn for the global batch)
     generators = {"model": generator}
+    cfg_hash = config_hash(cfg)
 
     step, engine_state = 0, {}
     if ckpt is not None:
-        state = restore_training_state(ckpt, model, optimizer, cfg, generators, fsdp=fsdp)
+        state = restore_training_state(ckpt, model, optimizer, cfg_hash, generators, fsdp=fsdp)
         step, engine_state = state["step"], state.get("engine", {})
     if info.is_main:
         truncate_metrics(run_dir, step)  # a resumed run re-logs what came after its checkpoint
@@ -99,6 +100,6 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     model.train()
     flops = model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
     return run_loop(Run(run_dir=run_dir, model=model, optimizer=optimizer, step_fn=step_fn, batches=iter(loader),
-                        train=tc, optim_cfg=cfg.optim, cfg_hash=config_hash(cfg), desc=f"pretrain {cfg.model.name}",
+                        train=tc, optim_cfg=cfg.optim, cfg_hash=cfg_hash, desc=f"pretrain {cfg.model.name}",
                         start_step=step, last_checkpoint=ckpt, generators=generators, info=info, fsdp=fsdp,
                         flops_per_sample=flops, progress=progress))

@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 
 from mmfuse_fast.config import BaseModelConfig, PretrainConfig, from_dict, load_config, save_config, to_dict
+from mmfuse_fast.engine.checkpoint import (CHECKPOINT_DIR, LATEST_NAME, STATE_NAME, WEIGHTS_NAME, atomic_write_text,
+                                           latest_checkpoint)
 from mmfuse_fast.errors import CheckpointError, ConfigError, RunDirError
 
 __all__ = ["CONFIG_NAME", "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "METRICS_NAME", "CHECKPOINT_DIR",
@@ -36,10 +38,6 @@ MODEL_CONFIG_NAME = "model.yaml"
 LABEL_SUBSET_NAME = "label_subset.json"
 TASK_NAME = "task.json"
 METRICS_NAME = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-LATEST_NAME = "latest"
-WEIGHTS_NAME = "model.safetensors"
-STATE_NAME = "train_state.pt"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -52,8 +50,6 @@ def prepare_run_dir(run_dir: str | Path, resume: bool) -> tuple[Path, Path | Non
 
     A directory that already holds a checkpoint is never overwritten: without `resume` that is an error. With
     `resume` and no checkpoint yet, training starts from step 0."""
-    from mmfuse_fast.engine.checkpoint import latest_checkpoint
-
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} exists and is not a directory")
@@ -95,8 +91,6 @@ def json_safe(value):
 
 def write_json(path: str | Path, record: dict) -> None:
     """`record` as indented JSON (NaN as null), written atomically."""
-    from mmfuse_fast.engine.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(json_safe(record), indent=1) + "\n")
 
 
@@ -104,8 +98,6 @@ def write_run_configs(run_dir: Path, cfg, backbone: BaseModelConfig | None = Non
     """config.yaml (the resolved config) and, for a run on a backbone (fine-tuning), model.yaml."""
     save_config(cfg, run_dir / CONFIG_NAME)
     if backbone is not None:
-        from mmfuse_fast.engine.checkpoint import atomic_write_text
-
         atomic_write_text(run_dir / MODEL_CONFIG_NAME, yaml.safe_dump(to_dict(backbone), sort_keys=False))
 
 

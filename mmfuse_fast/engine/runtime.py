@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from mmfuse_fast.errors import ConfigError
+from mmfuse_fast.errors import ConfigError, DataError
 
 __all__ = ["resolve_device", "seed_everything", "validate_config"]
 
@@ -51,8 +51,6 @@ def validate_config(cfg) -> None:
 def check_inputs(backbone, dataset, larger_ok: bool = False) -> None:
     """Refuses, before training, a dataset whose samples do not fit the model (`model.img_size`, modalities, band
     counts), naming the key and the sample. `larger_ok`: larger rasters are fine (segmentation crops them)."""
-    from mmfuse_fast.errors import DataError
-
     if len(dataset) == 0:
         raise DataError("the dataset is empty: check data.root and data.splits")
     sample = dataset[0]

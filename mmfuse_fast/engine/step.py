@@ -43,11 +43,12 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmfuse_fast.config import OptimConfig
+from mmfuse_fast.engine.distributed import unwrap_model
 from mmfuse_fast.engine.schedule import cosine_schedule, lr_tensor
 from mmfuse_fast.errors import NonFiniteLossError
 from mmfuse_fast.models.contract import check_pretrain_output
 
-__all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "resolve_amp", "nvtx_range", "unwrap_model"]
+__all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "resolve_amp", "nvtx_range"]
 
 # Flags after the metric sums in the device accumulator (float64).
 _FLAGS = ("good", "bad", "streak", "trip", "streak_start", "overflow")
@@ -96,16 +97,7 @@ class forbid_host_sync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-# --- AMP, NVTX, wrappers -----------------------------------------------------------------------------------------
-
-
-def unwrap_model(net: nn.Module) -> nn.Module:
-    """The model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers (FSDP2 wraps in place)."""
-    while True:
-        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return net
-        net = inner
+# --- AMP, NVTX ----------------------------------------------------------------------------------------------------
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -147,7 +139,8 @@ class TrainStep:
         self.net, self.optimizer, self.device = net, optimizer, device
         self.model = model if model is not None else unwrap_model(net)
         self.optim_cfg, self.total_steps = optim_cfg, total_steps
-        self.metric_names = tuple(self.model.metric_names) + ("grad_norm",)
+        self.model_metric_names = tuple(self.model.metric_names)
+        self.metric_names = self.model_metric_names + ("grad_norm",)
         self.batch_keys = tuple(getattr(self.model, "batch_keys", ()) or ())  # empty: every tensor of the batch
         self.after_optimizer_step = getattr(self.model, "after_optimizer_step", None)
         self.amp_dtype = resolve_amp(amp, device)
@@ -219,9 +212,9 @@ class TrainStep:
         with nvtx_range("forward"), self._autocast():
             out = self.net(batch, generator=self.generator, step=self.step_t)
         if not self._output_checked:
-            check_pretrain_output(out, self.metric_names[:-1], type(self.model).__name__)
+            check_pretrain_output(out, self.model_metric_names, type(self.model).__name__)
             self._output_checked = True
-        metrics = torch.stack([out[name].detach().float() for name in self.metric_names[:-1]])
+        metrics = torch.stack([out[name].detach().float() for name in self.model_metric_names])
         return out["objective"].float(), metrics
 
     def _body(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -292,7 +285,7 @@ class TrainStep:
         ])
         acc.copy_(new)
         self.step_t.add_(1)
-        out = {name: totals[i] for i, name in enumerate(self.metric_names[:-1])}
+        out = {name: totals[i] for i, name in enumerate(self.model_metric_names)}
         out.update(grad_norm=grad_norm, skipped=skip, lr=lr)
         return out
 
