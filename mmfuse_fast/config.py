@@ -106,6 +106,9 @@ class ModelConfig(BaseModelConfig):
     contrastive_weight: float = 0.5  # lambda
     temperature: float = 0.1
     proj_dim: int = 128
+    sensor_drop: float = 0.0  # probability that one modality of a sample is dropped from the fusion (pretraining)
+    encoder_fusion: str = "joint"  # joint: encoder blocks attend across modalities | separate: within each one
+    decoder_context: str = "all"  # the CMF memory of a modality's decoder: all modalities | others (Fus-MAE)
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,6 +124,13 @@ class ModelConfig(BaseModelConfig):
         require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
                  "model.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1; got {self.crop_scale}")
         require(self.temperature > 0, "model.temperature", "must be positive")
+        require(0.0 <= self.sensor_drop < 1.0, "model.sensor_drop", f"must be in [0, 1); got {self.sensor_drop}")
+        require(self.sensor_drop == 0 or len(self.modalities) >= 2, "model.sensor_drop",
+                "needs at least two modalities (one is always kept)")
+        _one_of(self.encoder_fusion, ("joint", "separate"), "model.encoder_fusion")
+        _one_of(self.decoder_context, ("all", "others"), "model.decoder_context")
+        require(self.decoder_context == "all" or len(self.modalities) >= 2, "model.decoder_context",
+                "'others' needs at least two modalities")
 
 
 @dataclass
@@ -155,6 +165,10 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: float = 1.0
     weight_decay_end: Optional[float] = None  # cosine schedule weight_decay -> this over the run; None: constant
+    grad_clip_mode: str = "global"  # global: one norm over all gradients | per_parameter: each clipped alone (DINO)
+
+    def __post_init__(self):
+        _one_of(self.grad_clip_mode, ("global", "per_parameter"), "optim.grad_clip_mode")
 
 
 @dataclass
@@ -197,6 +211,7 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     pretrained: str = ""  # pretraining run directory or checkpoint; empty trains from scratch
+    modalities: list[str] = field(default_factory=list)  # the backbone's modalities used (and read); empty: all
     task: str = "multilabel"  # multilabel (BigEarthNet) | scene (single-label, SEN12MS) | segmentation
     model: BaseModelConfig = field(default_factory=ModelConfig)  # the backbone when `pretrained` is empty
     seg_channels: int = 64  # segmentation: width of the FPN head
@@ -216,6 +231,8 @@ class FinetuneConfig:
                  "must be >= 1 (and eval_stride >= 0)")
         _one_of(self.pooling, ("mean", "concat"), "pooling")
         require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
+        require(len(set(self.modalities)) == len(self.modalities), "modalities",
+                f"must list distinct modality names; got {self.modalities}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

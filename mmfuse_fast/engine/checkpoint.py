@@ -235,6 +235,10 @@ def _python_state_from_plain(d):
 _HASH_EXCLUDE = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "device"),
                  ("train", "cuda_graph"), ("train", "compile"), ("train", "max_bad_steps"),
                  ("data", "num_workers"), ("data", "root"), ("eval_split",)}
+# Keys added after runs existed, at the value that computes what those runs computed: left out of the hash at that
+# value, so existing runs still resume.
+_HASH_NEUTRAL = {("model", "sensor_drop"): 0.0, ("model", "encoder_fusion"): "joint",
+                 ("model", "decoder_context"): "all", ("optim", "grad_clip_mode"): "global", ("modalities",): []}
 
 
 def config_hash(config) -> str:
@@ -246,7 +250,8 @@ def config_hash(config) -> str:
         if isinstance(node, dict):
             # unset optional keys (None) are left out: adding one does not change the hash of existing runs
             return {k: strip(v, prefix + (k,)) for k, v in sorted(node.items())
-                    if prefix + (k,) not in _HASH_EXCLUDE and v is not None}
+                    if prefix + (k,) not in _HASH_EXCLUDE and v is not None
+                    and not (prefix + (k,) in _HASH_NEUTRAL and v == _HASH_NEUTRAL[prefix + (k,)])}
         return node
 
     return hashlib.sha256(repr(strip(values)).encode()).hexdigest()[:16]

@@ -167,11 +167,17 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     task = get_task(cfg.task)
 
     pretrained = resolve_weights(cfg.pretrained) if cfg.pretrained and ckpt is None else None
+    modalities = cfg.modalities or list(model_cfg.modalities)  # only these are read from the data
+    unknown = [m for m in modalities if m not in model_cfg.modalities]
+    if unknown:
+        raise ConfigError(f"config key 'modalities' names {', '.join(map(repr, unknown))}, which the backbone "
+                          f"was not {'pretrained' if cfg.pretrained else 'built'} on (it has "
+                          f"{list(model_cfg.modalities)})")
     if dataset is None:
-        dataset = build_dataset(cfg.data, cfg.data.splits, bands=model_cfg.modalities)
+        dataset = build_dataset(cfg.data, cfg.data.splits, bands={m: model_cfg.modalities[m] for m in modalities})
     info = _task_info(cfg, dataset)
     model = build_classifier(model_cfg, cfg.mode, cfg.pooling, pretrained, cfg.task, info["num_classes"],
-                             cfg.seg_channels).to(device)
+                             cfg.seg_channels, modalities=cfg.modalities).to(device)
     check_inputs(model.backbone, dataset, larger_ok=cfg.task == "segmentation")
     train_set = Subset(dataset, _label_subset(dataset, cfg, run_dir, ckpt is not None))
     if cfg.task == "segmentation":

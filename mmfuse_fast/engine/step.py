@@ -120,6 +120,17 @@ def nvtx_range(name: str):
         yield
 
 
+def clip_grad_norm_per_parameter_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clips each gradient to norm `max_norm` on its own (DINO's `clip_gradients`), on the device; returns the
+    total norm before clipping (for the log and the non-finite check)."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 # --- the step ----------------------------------------------------------------------------------------------------
 
 
@@ -153,6 +164,7 @@ class TrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.grad_clip = float(optim_cfg.grad_clip)
+        self.clip_per_parameter = optim_cfg.grad_clip_mode == "per_parameter"
         # A weight-decay schedule is applied here (the optimizer's own decay is 0 then: see build_optimizer).
         self.decayed = ([p for g in optimizer.param_groups if g.get("name") == "decay" for p in g["params"]]
                         if optim_cfg.weight_decay_end is not None else [])
@@ -246,7 +258,9 @@ class TrainStep:
             if self.fp16:
                 overflow = torch.zeros((), device=self.device, dtype=torch.float32)
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, overflow, self.scale.reciprocal())
-            if self.grad_clip > 0:
+            if self.grad_clip > 0 and self.clip_per_parameter:
+                grad_norm = clip_grad_norm_per_parameter_(grads, self.grad_clip)
+            elif self.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
             else:
                 grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)

@@ -90,16 +90,25 @@ def get_task(name: str) -> Task:
 def build_classifier(model_cfg: BaseModelConfig, mode: str = "linear", pooling: str = "mean",
                      pretrained: str | Path | None = None, task: str = "multilabel", num_classes: int = 19,
                      seg_channels: int = 64, modalities: Sequence[str] | None = None) -> nn.Module:
-    """The task's model over a backbone built from `model_cfg` (with pretrained backbone weights if given)."""
+    """The task's model over a backbone built from `model_cfg` (with pretrained backbone weights if given), on
+    `modalities` (default: all the backbone has). The backbone is the model's `downstream_backbone()` (e.g.
+    DINO-MM's teacher encoder) where it defines one."""
     from mmfuse_fast.models import build_model
+    from mmfuse_fast.models.contract import chosen_modalities, downstream_backbone
 
     if mode not in MODES:
         raise ConfigError(f"config key 'mode' must be one of {', '.join(MODES)}; got {mode!r}")
     spec = get_task(task)
-    backbone = build_model(model_cfg)
+    model = build_model(model_cfg)
+    if modalities:
+        try:
+            chosen_modalities(model, modalities)
+        except ValueError as e:
+            raise ConfigError(f"config key 'modalities': {e}") from None
     if pretrained:
-        load_weights(backbone, pretrained)
-    return spec.head(backbone, num_classes, modalities, pooling, seg_channels, mode == "linear")
+        load_weights(model, pretrained)
+    backbone = downstream_backbone(model)
+    return spec.head(backbone, num_classes, modalities or None, pooling, seg_channels, mode == "linear")
 
 
 def load_classifier(run_dir_or_checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -115,7 +124,8 @@ def load_classifier(run_dir_or_checkpoint: str | Path, device: str | torch.devic
     cfg = load_config(FinetuneConfig, run_dir / CONFIG_NAME)
     info = read_task_info(run_dir)
     model = build_classifier(read_backbone_config(run_dir), cfg.mode, cfg.pooling, task=info["task"],
-                             num_classes=info["num_classes"], seg_channels=cfg.seg_channels)
+                             num_classes=info["num_classes"], seg_channels=cfg.seg_channels,
+                             modalities=cfg.modalities)
     load_weights(model, resolve_weights(path))
     return model.to(device).eval(), run_dir, cfg
 

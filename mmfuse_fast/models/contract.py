@@ -24,8 +24,17 @@ Backbone (downstream heads, segmentation, prediction):
     model.forward_intermediates(batch, modalities, indices)
                                                     # [{m: (B, N, D)}] at the given feature levels
     model.feature_levels                            # how many levels forward_intermediates has (last = encode)
-    model.missing_modality                          # "drop": any non-empty subset of the modalities may be
-                                                    # encoded, the others are left out
+    model.missing_modality                          # what encode() does with the modalities left out:
+        "drop"  per-modality token sets (the paper's model, Fus-MAE): only the chosen modalities' tokens are made,
+                and encode() returns one token set per chosen modality, keyed by its name
+        "zero"  one token set over the channel stack of all modalities (SatViT, DINO-MM): the missing modalities'
+                channels are zero (the normalized band mean, as DINO-MM evaluates single sensors), and encode()
+                returns the single set under the key STACK
+    model.downstream_backbone()                     # optional: the module downstream tasks keep (default: the
+                                                    # model itself), e.g. DINO-MM's teacher encoder alone
+
+`token_sets(backbone, modalities)` names the keys encode() returns; `check_batch` validates a batch against a
+backbone's bands and image size with an error that names the modality.
 """
 
 from __future__ import annotations
@@ -35,7 +44,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["PretrainModel", "Backbone", "check_pretrain_output"]
+__all__ = ["PretrainModel", "Backbone", "check_pretrain_output", "check_batch", "token_sets", "STACK",
+           "MISSING_MODALITY", "chosen_modalities", "downstream_backbone"]
+
+STACK = "stack"  # the key of a channel-stack backbone's single token set
+MISSING_MODALITY = ("drop", "zero")
 
 
 @runtime_checkable
@@ -70,3 +83,54 @@ def check_pretrain_output(out: Mapping, metric_names: Sequence[str], model_name:
     if missing:
         raise TypeError(f"{model_name}.forward must return 'objective' and its metric_names {list(metric_names)}; "
                         f"missing {missing}")
+
+
+def chosen_modalities(backbone, modalities: Sequence[str] | None) -> tuple[str, ...]:
+    """`modalities` (default: all of the backbone's) as a tuple: a non-empty list of distinct modalities the
+    backbone was built with, or a ValueError naming the ones it does not know."""
+    chosen = tuple(backbone.modalities if modalities is None else modalities)
+    unknown = [m for m in chosen if m not in backbone.modalities]
+    if unknown:
+        raise ValueError(f"unknown modality {', '.join(map(repr, unknown))}: this model was built (pretrained) on "
+                         f"{list(backbone.modalities)}")
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"modalities must be a non-empty list of distinct names; got {list(chosen)}")
+    return chosen
+
+
+def token_sets(backbone, modalities: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The keys `backbone.encode(batch, modalities)` returns: the chosen modalities ("drop"), or STACK ("zero")."""
+    chosen = chosen_modalities(backbone, modalities)
+    return chosen if backbone.missing_modality == "drop" else (STACK,)
+
+
+def downstream_backbone(model):
+    """The module downstream tasks build on: `model.downstream_backbone()` where defined, else the model."""
+    pick = getattr(model, "downstream_backbone", None)
+    return pick() if callable(pick) else model
+
+
+def check_batch(backbone, batch, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{m: (B, C_m, H, W)} for the given modalities of `batch`, checked against `backbone.bands` and
+    `backbone.img_size`, with an error naming the modality on anything missing or misshapen."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping modality -> (B, C, H, W) tensor; got {type(batch).__name__}")
+    out, size = {}, backbone.img_size
+    for m in modalities:
+        if m not in backbone.bands:
+            raise ValueError(f"unknown modality {m!r}; this model has {list(backbone.modalities)}")
+        bands = backbone.bands[m]
+        expected = f"(B, {len(bands)}, {size}, {size}) with bands {list(bands)}"
+        if m not in batch:
+            raise ValueError(f"batch is missing modality {m!r}: expected {expected}; got keys {list(batch)}")
+        x = batch[m]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"batch[{m!r}] must be a float tensor {expected}; got {what}")
+        if x.shape[1] != len(bands) or tuple(x.shape[2:]) != (size, size):
+            raise ValueError(f"batch[{m!r}] must be {expected}; got shape {tuple(x.shape)}")
+        out[m] = x
+    sizes = {m: x.shape[0] for m, x in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"modalities have different batch sizes: {sizes}")
+    return out

@@ -1,5 +1,5 @@
 """Task heads on a backbone (the backbone contract of models/contract.py: `embed_dim`, `modalities`,
-`encode(batch, modalities) -> {m: (B, N, D)}`)."""
+`encode(batch, modalities) -> {token set: (B, N, D)}`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from mmfuse_fast.models.contract import chosen_modalities, token_sets
+
 POOLINGS = ("mean", "concat")
-
-
-def backbone_modalities(backbone: nn.Module, modalities: Sequence[str] | None) -> tuple[str, ...]:
-    """`modalities` (default: all of the backbone's) as a tuple, checked to be a non-empty subset of the backbone's."""
-    chosen = tuple(modalities) if modalities is not None else tuple(backbone.modalities)
-    unknown = [m for m in chosen if m not in backbone.modalities]
-    if unknown or not chosen:
-        raise ValueError(f"modalities {list(chosen)} must be a non-empty subset of the backbone's "
-                         f"{list(backbone.modalities)}")
-    return chosen
 
 
 class BackboneTaskModel(nn.Module):
@@ -40,8 +32,8 @@ class BackboneTaskModel(nn.Module):
 class MultiLabelClassifier(BackboneTaskModel):
     """Pooled encoder tokens -> one Linear layer -> logits (B, num_classes) (BigEarthNet: 19 classes).
 
-    pooling "mean": mean over all tokens of the chosen modalities (D features); "concat": per-modality means,
-    concatenated (k*D features). With `freeze_backbone` (linear probe) the backbone's parameters do not require
+    pooling "mean": mean over all tokens of the chosen modalities (D features); "concat": per-token-set means,
+    concatenated (k*D features for k modalities of a per-modality backbone; D for a channel-stack one). With `freeze_backbone` (linear probe) the backbone's parameters do not require
     grad, it runs under no_grad and stays in eval mode; otherwise (fine-tuning) it trains with the head.
     """
 
@@ -51,9 +43,9 @@ class MultiLabelClassifier(BackboneTaskModel):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.backbone = backbone
-        self.modalities = backbone_modalities(backbone, modalities)
+        self.modalities = chosen_modalities(backbone, modalities)
         self.pooling, self.freeze_backbone, self.num_classes = pooling, freeze_backbone, num_classes
-        dim = backbone.embed_dim * (len(self.modalities) if pooling == "concat" else 1)
+        dim = backbone.embed_dim * (len(token_sets(backbone, self.modalities)) if pooling == "concat" else 1)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)

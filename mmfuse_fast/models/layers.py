@@ -139,22 +139,25 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, q_segments: Sequence[int],
-                kv_segments: Sequence[int], allow: torch.Tensor | None = None) -> torch.Tensor:
+                kv_segments: Sequence[int], allow: torch.Tensor | None = None,
+                kv_used: torch.Tensor | None = None) -> torch.Tensor:
         b, lk, _ = context.shape
         q = _heads(self.q(x), self.num_heads)  # (B, H, Lq, Dh)
         kv = self.kv(context).view(b, lk, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, H, Lk, Dh)
-        out = ops.modality_attention(q, k, v, q_segments, kv_segments, allow, backend=self.backend)
+        out = ops.modality_attention(q, k, v, q_segments, kv_segments, allow, kv_used=kv_used,
+                                     backend=self.backend)
         return self.proj(_merge(out))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)), attention restricted by `allow`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
+                 qkv_bias: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, backend=backend)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -177,9 +180,18 @@ class CrossBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, q_segments: Sequence[int],
-                kv_segments: Sequence[int], allow: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.norm_kv(context), q_segments, kv_segments, allow)
+                kv_segments: Sequence[int], allow: torch.Tensor | None = None,
+                kv_used: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_kv(context), q_segments, kv_segments, allow, kv_used)
         return x + self.mlp(self.norm2(x))
+
+
+def block_flops(lq: int, pairs: int, dim: int, hidden: int, lk: int | None = None) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward of a (cross-)attention block: `lq` query tokens, `lk` key
+    tokens (default lq), `pairs` allowed (query, key) pairs, MLP width `hidden`."""
+    lk = lq if lk is None else lk
+    linear = 2 * lq * dim * dim * 2 + 2 * lk * dim * dim * 2 + 2 * lq * dim * hidden * 2  # q, proj | kv | mlp
+    return linear + 2 * 2 * pairs * dim
 
 
 def set_backend(module: nn.Module, backend: str) -> None:

@@ -7,15 +7,16 @@ per modality (static: int(N * (1 - mask_ratio))), D encoder width, Dd decoder wi
     forward(batch)
       tokenize        {m: (B, C_m, H, W)} -> {m: (B, N, D)}        own PatchEmbed + sincos pos + modality embed
       mask            -> {m: (B, n, D)}, mask {m: (B, N)}           noise argsort + gather, static n
-      encode_tokens   stem (per modality) -> CAF (allow ~eye(M)) -> encoder (allow all) -> norm: {m: (B, n, D)}
+      encode_tokens   stem (per modality) -> CAF (allow ~eye(M)) -> encoder (allow all, or eye(M) with
+                      encoder_fusion "separate") -> norm: {m: (B, n, D)}
       decode          per modality: own tokens + mask tokens (B, N, Dd) x-attend to all modalities (B, M*n, Dd)
+                      (or to the others: decoder_context "others")
                       -> decoder blocks -> head: {m: (B, N, p*p*C_m)}
       loss            MSE on masked patches, mean over modalities  +  lambda * cross-scale InfoNCE
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -23,66 +24,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfuse_fast import ops
-from mmfuse_fast.models.layers import (Block, CrossBlock, ModalityTokenizer, init_weights, set_backend,
-                                       sincos_pos_embed_2d)
+from mmfuse_fast.models.contract import check_batch, chosen_modalities
+from mmfuse_fast.models.draws import GlobalBatchDraws
+from mmfuse_fast.models.layers import Block, ModalityTokenizer, block_flops, init_weights, set_backend
+from mmfuse_fast.models.mae import (MaskedDecoder, denormalize_patches, gather_tokens, masked_mse, patchify,
+                                    random_masking, unpatchify)
 from mmfuse_fast.models.registry import register_model
 
 
-def random_masking(noise: torch.Tensor, n_keep: int):
-    """MAE masking with a static kept count, from (B, N) uniform noise: (ids_keep (B, n), mask (B, N) 1 = masked,
-    ids_restore (B, N))."""
-    batch, n_tokens = noise.shape
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first n_keep are kept
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, n_tokens, device=noise.device)
-    mask[:, :n_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)  # back to patch order
-    return ids_shuffle[:, :n_keep], mask, ids_restore
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), ids (B, n) -> (B, n, D)."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-class MaskedDecoder(nn.Module):
-    """One modality's decoder: visible tokens + mask tokens -> [CMF cross-attention] -> blocks -> pixels.
-
-    With `cmf` its tokens cross-attend (one CrossBlock) to the encoded features of all modalities; without it this
-    is the plain MAE decoder of that modality.
-    """
-
-    def __init__(self, num_patches: int, grid_size: int, embed_dim: int, decoder_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float, out_dim: int, cmf: bool, backend: str):
-        super().__init__()
-        self.num_patches = num_patches
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, grid_size)[None],
-                             persistent=False)
-        self.cmf = CrossBlock(decoder_dim, num_heads, mlp_ratio, backend=backend) if cmf else None
-        self.blocks = nn.ModuleList(Block(decoder_dim, num_heads, mlp_ratio, backend) for _ in range(depth))
-        self.norm = nn.LayerNorm(decoder_dim)
-        self.pred = nn.Linear(decoder_dim, out_dim)
-
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, context: torch.Tensor | None = None,
-                context_segments: Sequence[int] = ()) -> torch.Tensor:
-        b, n, _ = latent.shape
-        x = self.decoder_embed(latent)  # (B, n, Dd)
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, self.num_patches - n, -1)
-        x = torch.cat([x, mask_tokens], dim=1)  # (B, N, Dd) in shuffled order
-        x = gather_tokens(x, ids_restore) + self.decoder_pos_embed.to(x.dtype)  # (B, N, Dd) in patch order
-        segments = [self.num_patches]
-        if self.cmf is not None:
-            x = self.cmf(x, context, segments, context_segments)  # allow all: sees every modality
-        for blk in self.blocks:
-            x = blk(x, segments)
-        return self.pred(self.norm(x))  # (B, N, p*p*C)
-
-
 @register_model("mmfuse")
-class MMFuseMAE(nn.Module):
-    """The pretraining and backbone contracts of models/contract.py over the stages above."""
+class MMFuseMAE(GlobalBatchDraws, nn.Module):
+    """The pretraining and backbone contracts of models/contract.py over the stages above.
+
+    Options the comparison needs (docs/method.md, "Ablations"): `caf`, `cmf`, `contrastive` switch stages off;
+    `encoder_fusion` "separate" keeps the encoder blocks within each modality; `decoder_context` "others" lets a
+    modality's decoder see only the other modalities (Fus-MAE); `sensor_drop` removes one modality of a sample from
+    the fusion during pretraining, through the attention op's per-sample used lengths (shapes stay static)."""
 
     metric_names = ("loss", "loss_rec", "loss_con")
     missing_modality = "drop"  # encode() takes any non-empty subset of the modalities (CAF then sees only those)
@@ -127,14 +84,11 @@ class MMFuseMAE(nn.Module):
         if cfg.contrastive:
             self.proj_heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.proj_dim))
                                              for m in self.modalities})
-        # CAF: set i attends to every set j != i. A subset of k modalities uses the [:k, :k] view (= ~eye(k)).
+        # Set-level allow matrices; a subset of k modalities uses the [:k, :k] view (the same pattern).
+        # CAF (and a decoder seeing "others"): set i attends to every set j != i; "separate" encoder: only to i.
         n_mod = len(self.modalities)
         self.register_buffer("caf_allow", ~torch.eye(n_mod, dtype=torch.bool), persistent=False)
-
-        # Data parallelism (set by the engine): the process group of the global batch. Contrastive negatives come
-        # from it, and masks and crop boxes are drawn for the global batch and sliced to this rank's rows, so the
-        # run computes the same thing whatever the world size. Not part of the state_dict.
-        self.contrastive_group = None
+        self.register_buffer("own_allow", torch.eye(n_mod, dtype=torch.bool), persistent=False)
 
         init_weights(self)  # Linear/LayerNorm as MAE; the tokenizers initialize their own conv
         for p in [dec.mask_token for dec in self.decoders.values()]:
@@ -156,23 +110,6 @@ class MMFuseMAE(nn.Module):
         """Levels of forward_intermediates: after the fusion stem (stem + CAF), then after each encoder block."""
         return len(self.blocks) + 1
 
-    def set_data_parallel_group(self, group) -> None:
-        """The engine's data-parallel process group (None: one process): the contrastive negatives come from it."""
-        self.contrastive_group = group
-
-    @property
-    def contrastive_group(self):
-        return self._contrastive_group
-
-    @contrastive_group.setter
-    def contrastive_group(self, group) -> None:
-        self._contrastive_group = group
-        self._shard = (0, 1)
-        if group is not None:
-            import torch.distributed as dist
-
-            self._shard = (dist.get_rank(group), dist.get_world_size(group))
-
     def set_backend(self, backend: str) -> None:
         """Switches every attention to `backend` ("auto" | "triton" | "reference"); weights are unchanged."""
         set_backend(self, backend)
@@ -184,39 +121,15 @@ class MMFuseMAE(nn.Module):
 
     def check_batch(self, batch, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
         """{m: (B, C_m, H, W)} for the requested modalities, with a clear error on anything missing or misshapen."""
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"batch must be a mapping modality -> (B, C, H, W) tensor; got {type(batch).__name__}")
-        out, size = {}, self.img_size
-        for m in modalities:
-            if m not in self.bands:
-                raise ValueError(f"unknown modality {m!r}; this model has {list(self.modalities)}")
-            bands = self.bands[m]
-            expected = f"(B, {len(bands)}, {size}, {size}) with bands {list(bands)}"
-            if m not in batch:
-                raise ValueError(f"batch is missing modality {m!r}: expected {expected}; got keys {list(batch)}")
-            x = batch[m]
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-                what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"batch[{m!r}] must be a float tensor {expected}; got {what}")
-            if x.shape[1] != len(bands) or tuple(x.shape[2:]) != (size, size):
-                raise ValueError(f"batch[{m!r}] must be {expected}; got shape {tuple(x.shape)}")
-            out[m] = x
-        sizes = {m: x.shape[0] for m, x in out.items()}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"modalities have different batch sizes: {sizes}")
-        return out
+        return check_batch(self, batch, modalities)
 
     def patchify(self, m: str, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), patch-major then (row, col, channel) inside a patch (as MAE)."""
-        b, c, p, g = imgs.shape[0], len(self.bands[m]), self.patch_size, self.grid_size
-        x = imgs.reshape(b, c, g, p, g, p)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, g * g, p * p * c)
+        return patchify(imgs, self.patch_size)
 
     def unpatchify(self, m: str, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""
-        b, c, p, g = patches.shape[0], len(self.bands[m]), self.patch_size, self.grid_size
-        x = patches.reshape(b, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
+        return unpatchify(patches, self.patch_size, len(self.bands[m]))
 
     # ----------------------------------------------------------------------------------------------------------
     # Stages
@@ -231,23 +144,25 @@ class MMFuseMAE(nn.Module):
 
         {"mask": (draws, B, N) masking noise (one draw per modality, or one shared with consistent_mask),
         "boxes": (B, 4) crop boxes, one per scene and shared by its modalities, "crop_mask": the masking noise of
-        the crops}; the last two only with the contrastive branch. Drawn for the global batch of world * B rows and
-        sliced to this rank's rows (`shard` = (rank, world)), so a data-parallel run draws exactly what one process
-        on the global batch would."""
-        rank, world = self._shard
-        mine = slice(rank * batch, (rank + 1) * batch)
+        the crops} (the last two only with the contrastive branch), and with sensor_drop "keep": (B, M) 1 for the
+        modalities each sample keeps. Drawn for the global batch and sliced to this rank's rows (models/draws.py)."""
         draws = 1 if self.cfg.consistent_mask else len(self.modalities)
 
         def mask_noise():
-            return torch.stack([torch.rand(batch * world, self.num_patches, device=device, generator=generator)[mine]
+            return torch.stack([self.draw_uniform(batch, self.num_patches, device=device, generator=generator)
                                 for _ in range(draws)])
 
         noise = {"mask": mask_noise()}
         if self.cfg.contrastive:
-            size = self.img_size
-            noise["boxes"] = ops.random_boxes(batch * world, size, size, scale=tuple(self.cfg.crop_scale),
-                                              generator=generator, device=device)[mine]
+            noise["boxes"] = self.draw_boxes(batch, self.img_size, self.img_size, self.cfg.crop_scale, device,
+                                             generator)
             noise["crop_mask"] = mask_noise()
+        if self.cfg.sensor_drop > 0:  # with probability p one modality, chosen uniformly, is dropped
+            u = self.draw_uniform(batch, 2, device=device, generator=generator)
+            n_mod = len(self.modalities)
+            which = (u[:, 1] * n_mod).long().clamp_(max=n_mod - 1)
+            dropped = F.one_hot(which, n_mod).bool() & (u[:, :1] < self.cfg.sensor_drop)
+            noise["keep"] = (~dropped).float()
         return noise
 
     def mask(self, tokens: dict[str, torch.Tensor], noise: torch.Tensor):
@@ -259,12 +174,13 @@ class MMFuseMAE(nn.Module):
             visible[m] = gather_tokens(x, ids_keep)  # (B, n, D)
         return visible, masks, restores
 
-    def encode_tokens(self, tokens: dict[str, torch.Tensor],
-                      levels: Sequence[int] = ()) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    def encode_tokens(self, tokens: dict[str, torch.Tensor], levels: Sequence[int] = (),
+                      used: torch.Tensor | None = None) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Stem (per modality) -> CAF -> encoder -> norm over the given token sets, {m: (B, L_m, D)} in and out.
 
         With `levels` (indices into [fusion stem, block 1, ..., block depth]) it returns those levels instead, in
-        the order given; the last level is normalized, as the encoder's output is."""
+        the order given; the last level is normalized, as the encoder's output is. `used` (B, k) int32: per sample
+        the tokens of each set that take part in the fusion (0 drops the set; sensor_drop)."""
         names = list(tokens)
         segments = [t.shape[1] for t in tokens.values()]
 
@@ -277,12 +193,14 @@ class MMFuseMAE(nn.Module):
                 t = blk(t, [t.shape[1]])
             x.append(t)
         x = torch.cat(x, dim=1)  # (B, sum L_m, D)
-        allow = self.caf_allow[: len(names), : len(names)]  # ~eye: only the other modalities
+        k = len(names)
+        caf_allow = self.caf_allow[:k, :k]  # ~eye: only the other modalities
+        encoder_allow = None if self.cfg.encoder_fusion == "joint" else self.own_allow[:k, :k]
         for blk in self.caf_blocks:
-            x = blk(x, segments, allow)
+            x = blk(x, segments, caf_allow, used)
         taken = {0: x}
         for i, blk in enumerate(self.blocks, 1):
-            x = blk(x, segments)  # allow all
+            x = blk(x, segments, encoder_allow, used)
             taken[i] = x
         last = len(self.blocks)
         if not levels:
@@ -290,24 +208,28 @@ class MMFuseMAE(nn.Module):
         taken[last] = self.norm(taken[last])
         return [split(taken[i]) for i in levels]
 
-    def decode(self, latent: dict[str, torch.Tensor], restores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode(self, latent: dict[str, torch.Tensor], restores: dict[str, torch.Tensor],
+               used: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each modality's decoder over its own tokens, cross-attending (CMF) to the encoded tokens of all
+        modalities or, with decoder_context "others", of the other ones; `used` as in encode_tokens."""
         context, segments = None, [t.shape[1] for t in latent.values()]
         if self.cfg.cmf:  # (B, sum n_m, Dd): all modalities, projected once and shared by every decoder
             context = torch.cat([self.cmf_embed(t) + self.cmf_modality_embed[m] for m, t in latent.items()], 1)
-        return {m: self.decoders[m](latent[m], restores[m], context, segments) for m in latent}
+        k = len(latent)
+        others = self.cfg.decoder_context == "others"
+        return {m: self.decoders[m](latent[m], restores[m], context, segments,
+                                    self.caf_allow[i:i + 1, :k] if others else None, used)
+                for i, m in enumerate(latent)}
 
-    def reconstruction_loss(self, m: str, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
-        target = self.patchify(m, imgs).float()  # (B, N, p*p*C)
-        if self.cfg.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred.float() - target) ** 2).mean(-1)  # (B, N)
-        return (loss * mask).sum() / mask.sum()  # masked patches only
+    def reconstruction_loss(self, m: str, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                            weight: torch.Tensor | None = None):
+        return masked_mse(pred, self.patchify(m, imgs), mask, self.cfg.norm_pix_loss, weight)
 
     def contrastive_loss(self, imgs: dict[str, torch.Tensor], latent: dict[str, torch.Tensor], noise: dict):
         """Cross-scale InfoNCE between the (masked) full view and a masked random crop of the same scene."""
         _, _, h, w = next(iter(imgs.values())).shape
-        crops = {m: ops.crop_resize(x, noise["boxes"], (h, w), backend=self.cfg.ops_backend) for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
+        crops = {m: ops.crop_resize(x, noise["boxes"], (h, w), backend=self.cfg.ops_backend)
+                 for m, x in imgs.items()}  # {m: (B, C_m, H, W)}
         crop_visible, _, _ = self.mask(self.tokenize(crops), noise["crop_mask"])
         crop_latent = self.encode_tokens(crop_visible)
 
@@ -315,7 +237,7 @@ class MMFuseMAE(nn.Module):
             return torch.stack([F.normalize(self.proj_heads[m](t.mean(1)).float(), dim=-1) for m, t in feats.items()])
 
         return ops.multiscale_infonce(embed(latent), embed(crop_latent), temperature=self.cfg.temperature,
-                                      group=self.contrastive_group, backend=self.cfg.ops_backend)
+                                      group=self.data_parallel_group, backend=self.cfg.ops_backend)
 
     # ----------------------------------------------------------------------------------------------------------
     # Public entry points
@@ -328,29 +250,34 @@ class MMFuseMAE(nn.Module):
         (negatives from the whole batch), so its local gradient is this rank's share of the global gradient
         while DDP/FSDP average the gradients over ranks: the objective weighs it by world size, and the averaged
         gradient equals the single-process gradient of `loss` on the global batch. `step` is unused (no schedule
-        in this model)."""
+        in this model).
+
+        With sensor_drop, a dropped modality of a sample takes no part in any attention of the encoder or in the
+        CMF memory, and its reconstruction is left out of the loss (which keeps the static denominator, so that it
+        stays a plain mean over the global batch)."""
         imgs = self.check_batch(batch, self.modalities)  # {m: (B, C_m, H, W)}
         any_x = next(iter(imgs.values()))
         noise = self.draw_noise(any_x.shape[0], any_x.device, generator)
+        keep = noise.get("keep")  # (B, M) or None
+        used = None if keep is None else (keep * self.n_keep).to(torch.int32)
         visible, mask, restores = self.mask(self.tokenize(imgs), noise["mask"])  # {m: (B, n, D)}, {m: (B, N)}
-        latent = self.encode_tokens(visible)  # {m: (B, n, D)}
-        pred = self.decode(latent, restores)  # {m: (B, N, p*p*C_m)}
-        loss_rec = torch.stack([self.reconstruction_loss(m, imgs[m], pred[m], mask[m]) for m in imgs]).mean()
+        latent = self.encode_tokens(visible, used=used)  # {m: (B, n, D)}
+        pred = self.decode(latent, restores, used)  # {m: (B, N, p*p*C_m)}
+        loss_rec = torch.stack([self.reconstruction_loss(m, imgs[m], pred[m], mask[m],
+                                                         None if keep is None else keep[:, i])
+                                for i, m in enumerate(imgs)]).mean()
         if self.cfg.contrastive:
             loss_con = self.contrastive_loss(imgs, latent, noise)
         else:
             loss_con = loss_rec.new_zeros(())
         loss = loss_rec + self.cfg.contrastive_weight * loss_con
-        world = self._shard[1]
+        world = self.world_size
         objective = loss if world == 1 else loss_rec + (self.cfg.contrastive_weight * world) * loss_con
         return {"objective": objective, "loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "pred": pred,
                 "mask": mask}
 
     def _encoder_input(self, batch, modalities: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        mods = tuple(self.modalities if modalities is None else modalities)
-        if not mods or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities must be a non-empty list of distinct names; got {list(mods)}")
-        return self.tokenize(self.check_batch(batch, mods))
+        return self.tokenize(self.check_batch(batch, chosen_modalities(self, modalities)))
 
     def encode(self, batch, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """All tokens of the given modalities (default: all), unmasked, encoded: {m: (B, N, D)}."""
@@ -376,8 +303,7 @@ class MMFuseMAE(nn.Module):
             target = self.patchify(m, x)  # (B, N, p*p*C)
             pred = out["pred"][m].to(target.dtype)
             if self.cfg.norm_pix_loss:  # back from per-patch normalized units
-                mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-                pred = pred * (var + 1e-6) ** 0.5 + mean
+                pred = denormalize_patches(pred, target)
             mask = out["mask"][m].unsqueeze(-1).to(target.dtype)  # (B, N, 1)
             result[m] = {
                 "input": x,
@@ -395,18 +321,15 @@ class MMFuseMAE(nn.Module):
         d, dd, n_tok, n = cfg.embed_dim, cfg.decoder_dim, self.num_patches, self.n_keep
         k = len(self.modalities)
         hid, dhid = int(d * cfg.mlp_ratio), int(dd * cfg.mlp_ratio)
-
-        def block(lq, pairs, dim, hidden, lk=None):
-            lk = lq if lk is None else lk
-            linear = 2 * lq * dim * dim * 2 + 2 * lk * dim * dim * 2 + 2 * lq * dim * hidden * 2  # q,proj | kv | mlp
-            return linear + 2 * 2 * pairs * dim
+        encoder_pairs = (k * n) ** 2 if cfg.encoder_fusion == "joint" else k * n * n
+        context_sets = k if cfg.decoder_context == "all" else k - 1
 
         def encoder_pass():
             f = sum(2 * n_tok * len(b) * cfg.patch_size**2 * d for b in self.bands.values())
-            f += k * cfg.stem_depth * block(n, n * n, d, hid)
+            f += k * cfg.stem_depth * block_flops(n, n * n, d, hid)
             if cfg.caf:
-                f += cfg.caf_depth * block(k * n, k * n * (k - 1) * n, d, hid)
-            return f + cfg.encoder_depth * block(k * n, (k * n) ** 2, d, hid)
+                f += cfg.caf_depth * block_flops(k * n, k * n * (k - 1) * n, d, hid)
+            return f + cfg.encoder_depth * block_flops(k * n, encoder_pairs, d, hid)
 
         total = encoder_pass()
         if cfg.cmf:
@@ -414,8 +337,8 @@ class MMFuseMAE(nn.Module):
         for b in self.bands.values():
             total += 2 * n * d * dd  # decoder_embed
             if cfg.cmf:
-                total += block(n_tok, n_tok * k * n, dd, dhid, lk=k * n)
-            total += cfg.decoder_depth * block(n_tok, n_tok * n_tok, dd, dhid)
+                total += block_flops(n_tok, n_tok * context_sets * n, dd, dhid, lk=k * n)
+            total += cfg.decoder_depth * block_flops(n_tok, n_tok * n_tok, dd, dhid)
             total += 2 * n_tok * dd * cfg.patch_size**2 * len(b)
         if cfg.contrastive:
             total += encoder_pass() + 2 * k * 2 * (2 * d * d + 2 * d * cfg.proj_dim)

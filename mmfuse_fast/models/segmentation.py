@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .heads import BackboneTaskModel, backbone_modalities
+from mmfuse_fast.models.contract import chosen_modalities
+from mmfuse_fast.models.heads import BackboneTaskModel
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -33,7 +34,7 @@ class SegmentationModel(BackboneTaskModel):
                  channels: int = 64, num_levels: int = 4, freeze_backbone: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.modalities = backbone_modalities(backbone, modalities)
+        self.modalities = chosen_modalities(backbone, modalities)
         self.num_classes, self.freeze_backbone = num_classes, freeze_backbone
         self.img_size, self.patch_size = backbone.img_size, backbone.patch_size
         self.grid = backbone.img_size // backbone.patch_size
@@ -61,7 +62,7 @@ class SegmentationModel(BackboneTaskModel):
         self._freeze_backbone_if_set()
 
     def multilevel_features(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """[(B, D, g, g)] at the chosen levels, modalities averaged (they share the patch grid)."""
+        """[(B, D, g, g)] at the chosen levels, token sets averaged (they share the patch grid)."""
         out = []
         for level in self.backbone.forward_intermediates(batch, self.modalities, self.level_ids):
             per_mod = torch.stack(list(level.values())).mean(0)  # (B, N, D)

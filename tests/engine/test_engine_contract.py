@@ -259,8 +259,9 @@ def test_progress_bar_shows_throughput_mfu_and_memory():
     assert progress_fields({"loss": 2.0, "mfu": None}) == {"loss": "2"}
 
 
-def test_optim_config_knows_the_schedule_key():
-    assert dataclasses.fields(OptimConfig)[-1].name == "weight_decay_end"
+def test_optim_config_knows_the_schedule_and_clip_keys():
+    names = {f.name for f in dataclasses.fields(OptimConfig)}
+    assert {"weight_decay_end", "grad_clip_mode"} <= names
 
 
 def test_an_ops_backend_that_cannot_run_here_is_one_line(tmp_path, monkeypatch, capsys):

@@ -42,5 +42,5 @@ def test_modality_subsets_and_pooling(mods, pooling, dim):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="pooling"):
         MultiLabelClassifier(backbone(), pooling="max")
-    with pytest.raises(ValueError, match="subset"):
+    with pytest.raises(ValueError, match="unknown modality .rgb."):
         MultiLabelClassifier(backbone(), modalities=["rgb"])
