@@ -1,7 +1,10 @@
-"""Training-step throughput: the eager fp32 reference step vs the engine's step.
+"""Training-step throughput of every registered model: the eager fp32 reference step vs the engine's step.
 
-    python benchmarks/bench_train_step.py                                  # CPU quick run: tiny
-    python benchmarks/bench_train_step.py --configs tiny small base        # on a GPU (adds --compile rows there)
+    python benchmarks/bench_train_step.py                                  # CPU quick run: every model at tiny
+    python benchmarks/bench_train_step.py --scales tiny small base         # on a GPU (adds --compile rows there)
+    python benchmarks/bench_train_step.py --models mmfuse satvit --configs my.yaml
+
+A model's config at a scale is the shipped `<model>_<scale>` (the paper's model: `<scale>`).
 
 Rows per config:
   reference      `benchmarks/reference_step.py`: model with ops_backend=reference, fp32, foreach AdamW, eager
@@ -12,7 +15,7 @@ Rows per config:
 Samples/s = batch / median step time. TFLOP/s and MFU from the analytic `model.flops_per_sample()` (forward +
 backward) and the device's dense bf16 (or fp32) peak (engine/observe.py; MFU is null on the CPU). Rows are appended
 to benchmarks/results/train_step.csv; the last line is a JSON object with `speedup_vs_reference` (engine /
-reference samples/s for `tiny`) and the per-config figures.
+reference samples/s for the paper's model at the first scale) and the per-config figures.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
 from mmfuse_fast.engine.observe import peak_tflops  # noqa: E402
 from mmfuse_fast.engine.optim import build_optimizer  # noqa: E402
 from mmfuse_fast.engine.step import TrainStep, resolve_amp  # noqa: E402
-from mmfuse_fast.models import build_model  # noqa: E402
+from mmfuse_fast.models import MODELS, build_model  # noqa: E402
+
+
+def config_name(model: str, scale: str) -> str:
+    """The shipped config of `model` at `scale` (tiny | small | base)."""
+    return scale if model == "mmfuse" else f"{model}_{scale}"
 
 
 def synthetic_batch(cfg, batch: int, pin: bool) -> dict:
@@ -79,8 +87,10 @@ def engine_step(cfg, batch_cpu, device, compile_: bool):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=None, help="built-in configs (default: tiny on the CPU, "
-                                                              "tiny small base on CUDA)")
+    p.add_argument("--models", nargs="+", default=None, help=f"registered models (default: all: {sorted(MODELS)})")
+    p.add_argument("--scales", nargs="+", default=None, help="default: tiny on the CPU, tiny small base on CUDA")
+    p.add_argument("--configs", nargs="+", default=None, help="config names or YAML paths instead of models x "
+                                                              "scales")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, 64 on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="add engine+compile rows on the CPU (slow to compile)")
@@ -92,7 +102,12 @@ def main(argv=None) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    configs = args.configs or (["tiny", "small", "base"] if cuda else ["tiny"])
+    models = args.models or ["mmfuse"] + sorted(m for m in MODELS if m != "mmfuse")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; registered: {sorted(MODELS)}")
+    scales = args.scales or (["tiny", "small", "base"] if cuda else ["tiny"])
+    configs = args.configs or [config_name(m, s) for s in scales for m in models]
     batch = args.batch_size or (64 if cuda else 8)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     reps = args.reps if args.reps is not None else (30 if cuda else 12)
@@ -130,7 +145,7 @@ def main(argv=None) -> dict:
                              samples_per_s=round(sps, 2), tflops=round(tflops, 4),
                              mfu=None if mfu is None else round(mfu, 4), cuda_graph=cuda and variant != "reference")
             rows.append(row)
-            print(f"{name:5s} {variant:15s} {str(dtype).replace('torch.', ''):9s} p50 {times[1]:9.2f} ms  "
+            print(f"{name:13s} {variant:15s} {str(dtype).replace('torch.', ''):9s} p50 {times[1]:9.2f} ms  "
                   f"{sps:9.2f} samples/s  {tflops:8.4f} TFLOP/s  MFU {mfu if mfu is None else f'{mfu:.1%}'}  "
                   f"peak {per[variant]['peak_mib']} MiB", flush=True)
         ref = per["reference"]["samples_per_s"]
@@ -140,7 +155,7 @@ def main(argv=None) -> dict:
         summary[name] = per
     if not args.no_save:
         append_rows("train_step", rows)
-    first = configs[0] if "tiny" not in summary else "tiny"
+    first = next((c for c in configs if load_config(PretrainConfig, c).model.name == "mmfuse"), configs[0])
     result = {"speedup_vs_reference": summary[first]["speedup_vs_reference"], "config": first,
               "batch_size": batch, "device": device_name(device), "torch": torch.__version__, "results": summary}
     print(json.dumps(result))

@@ -28,7 +28,8 @@ Backbone (downstream heads, segmentation, prediction):
         "drop"  per-modality token sets (the paper's model, Fus-MAE): only the chosen modalities' tokens are made,
                 and encode() returns one token set per chosen modality, keyed by its name
         "zero"  one token set over the channel stack of all modalities (SatViT, DINO-MM): the missing modalities'
-                channels are zero (the normalized band mean, as DINO-MM evaluates single sensors), and encode()
+                channels are zero, the normalized band mean (DINO-MM zeroes a sensor too, in its own scaling where
+                zero is the band's mean - 2 std: docs/baselines.md), and encode()
                 returns the single set under the key STACK
     model.downstream_backbone()                     # optional: the module downstream tasks keep (default: the
                                                     # model itself), e.g. DINO-MM's teacher encoder alone

@@ -160,8 +160,9 @@ class MMFuseMAE(GlobalBatchDraws, nn.Module):
         if self.cfg.sensor_drop > 0:  # with probability p one modality, chosen uniformly, is dropped
             u = self.draw_uniform(batch, 2, device=device, generator=generator)
             n_mod = len(self.modalities)
-            which = (u[:, 1] * n_mod).long().clamp_(max=n_mod - 1)
-            dropped = F.one_hot(which, n_mod).bool() & (u[:, :1] < self.cfg.sensor_drop)
+            which = (u[:, 1:] * n_mod).long().clamp_(max=n_mod - 1)  # (B, 1)
+            # a comparison, not F.one_hot: one_hot checks its input's range on the host
+            dropped = (which == torch.arange(n_mod, device=device)) & (u[:, :1] < self.cfg.sensor_drop)
             noise["keep"] = (~dropped).float()
         return noise
 

@@ -176,6 +176,15 @@ def test_sensor_drop_removes_a_modality_from_the_fusion():
         torch.testing.assert_close(out["loss_rec"], base["loss_rec"])
 
 
+def test_sensor_drop_has_no_host_sync():
+    from mmfuse_fast.engine.step import forbid_host_sync
+
+    model, batch = build(sensor_drop=0.5), random_batch(small_cfg())
+    batch = {m: batch[m] for m in model.modalities}
+    with forbid_host_sync():
+        run(model, batch)["objective"].backward()
+
+
 def test_sensor_drop_off_draws_nothing_more():
     model = build()
     assert "keep" not in model.draw_noise(4, "cpu", torch.Generator().manual_seed(0))
