@@ -2,6 +2,10 @@
 
     python tests/engine/_pretrain_worker.py RUN_DIR '<json: {"overrides": [...], "n": 12, "resume": false}>'
 
+An optional "model" (a name in mmfuse_fast.models.MODELS) starts from that model's tiny overrides
+(conftest.TINY_MODELS) instead of TINY, the paper's model's. An optional "gate" (a file path) holds every data
+read until that file exists, so a test can let the run start (imports, model) and release it later.
+
 torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) make it one rank of
 a gloo group. Prints the summary as JSON on its last line (rank 0)."""
 
@@ -16,30 +20,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 
-from conftest import TINY, SyntheticBEN  # noqa: E402
+from conftest import TINY, SyntheticBEN, tiny_model_overrides  # noqa: E402
 
 from mmfuse_fast.config import PretrainConfig, load_config  # noqa: E402
 from mmfuse_fast.engine.pretrain import pretrain  # noqa: E402
 
 
 class _Slow(torch.utils.data.Dataset):
-    def __init__(self, data, sleep):
-        self.data, self.sleep = data, sleep
+    def __init__(self, data, sleep, gate=None):
+        self.data, self.sleep, self.gate = data, sleep, gate
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
+        while self.gate is not None and not os.path.exists(self.gate):
+            time.sleep(0.01)
         time.sleep(self.sleep)
         return self.data[i]
 
 
 def main() -> int:
     run_dir, spec = sys.argv[1], json.loads(sys.argv[2])
-    cfg = load_config(PretrainConfig, None, TINY + ["train.device=cpu", *spec.get("overrides", [])])
+    tiny = tiny_model_overrides(spec["model"]) if spec.get("model") else TINY
+    cfg = load_config(PretrainConfig, None, tiny + ["train.device=cpu", *spec.get("overrides", [])])
     data = SyntheticBEN(n=spec.get("n", 12), nan_at=spec.get("nan_at"))
-    if spec.get("sleep"):  # slow data: lets a test signal the run in mid-flight
-        data = _Slow(data, spec["sleep"])
+    if spec.get("sleep") or spec.get("gate"):  # slow data: lets a test signal the run in mid-flight
+        data = _Slow(data, spec.get("sleep", 0.0), spec.get("gate"))
     out = pretrain(cfg, run_dir, resume=spec.get("resume", False), dataset=data, progress=False)
     # shutdown_distributed frees the process group, joining its gloo threads (one still releasing a collective's
     # tensors at interpreter exit aborts the process). FSDP2: torch's DTensor caches keep the group until exit.

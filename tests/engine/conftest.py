@@ -44,3 +44,31 @@ def tiny_overrides():
 @pytest.fixture
 def synthetic():
     return SyntheticBEN
+
+
+# Per-model tiny overrides (the baselines' tests): every registered pretraining model at 32x32 images, 8 px
+# patches, widths of 16 and one block, so that a step takes milliseconds. Each model validates its own keys.
+TINY_MODELS = {
+    "mmfuse": list(TINY),
+    "fus_mae": [
+        "model.name=fus_mae", "model.img_size=32", "model.patch_size=8", "model.embed_dim=16", "model.num_heads=2",
+        "model.decoder_dim=16", "model.decoder_heads=2", "model.decoder_depth=1", "model.encoder_depth=1",
+        "model.mlp_ratio=2.0", "model.ops_backend=reference",
+    ],
+    "satvit": [
+        "model.name=satvit", "model.img_size=32", "model.patch_size=8", "model.embed_dim=16", "model.num_heads=2",
+        "model.depth=1", "model.decoder_dim=16", "model.decoder_heads=2", "model.decoder_depth=1",
+        "model.mlp_ratio=2.0", "model.ops_backend=reference",
+    ],
+    "dino_mm": [
+        "model.name=dino_mm", "model.img_size=32", "model.patch_size=8", "model.embed_dim=16", "model.num_heads=2",
+        "model.depth=1", "model.mlp_ratio=2.0", "model.head_hidden_dim=32", "model.head_bottleneck_dim=8",
+        "model.out_dim=32", "model.local_crops_number=2", "model.local_crop_size=16", "model.freeze_last_layer_steps=2",
+        "model.ops_backend=reference",
+    ],
+}
+
+
+def tiny_model_overrides(name: str) -> list[str]:
+    """The tiny overrides of model `name` (TINY for the paper's model)."""
+    return list(TINY_MODELS[name])
