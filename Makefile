@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast cuda-check bench clean
+.PHONY: install demo test test-fast cuda-check bench paper-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ cuda-check:
 
 test: $(STAMP) cuda-check
 	$(PY) -m pytest -q -ra tests
+
+# The paper's Tables 2 (four methods, three modality sets, two label fractions), 6, 7 and 8 at the CPU scale, on
+# the BigEarthNet v2 sample (fetched as `make demo` does); resumable: run it again to continue. Report:
+# runs/paper-tiny/report.md.
+paper-tiny: $(STAMP)
+	$(PY) -m mmfuse_fast.cli experiment run --spec paper --scale tiny --out runs/paper-tiny \
+		--only table2 table6 table7 table8
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

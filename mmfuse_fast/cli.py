@@ -5,6 +5,9 @@
     mmfuse evaluate --run-dir runs/ft [--split test] [--data-root PATH] [--json]
     mmfuse predict --run-dir runs/ft --input s2=a.tif --input s1=b.tif --out DIR [--stride 64]
     mmfuse data pack --format {bigearthnet_v1,sen12ms,seg_tiles} --root DATA --out PACKED [--option key=value]
+    mmfuse experiment run --spec paper --scale tiny --out DIR [--seeds N] [--only table2 ...]
+                          [--launcher inline|torchrun|print] [--set KEY=VALUE | TABLE:KEY=VALUE ...]
+    mmfuse experiment report DIR
 
 Every error a user can cause (`mmfuse_fast.errors.MMFuseError` and its subclasses, and a missing file) prints one
 line and exits with the error's status: 2 for a config or data problem (the line names the key, file or split),
@@ -75,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack")
     p.add_argument("--verify", action="store_true", help="only verify an existing pack (counts and checksums)")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("experiment", help="reproduce a set of tables (the paper's by default): run a sweep, report")
+    exp_sub = p.add_subparsers(dest="experiment_command", required=True)
+    p = exp_sub.add_parser("run", help="plan, run (resumable: finished cells are skipped) and report a sweep")
+    p.add_argument("--spec", default="paper", help="built-in spec name (paper) or YAML path")
+    p.add_argument("--scale", required=True, help="a scale of the spec (paper: tiny, small, base)")
+    p.add_argument("--out", required=True, help="sweep directory (runs, configs, plan, report)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per cell (mean ± std in the report)")
+    p.add_argument("--only", nargs="+", default=None, metavar="TABLE", help="only these tables of the spec")
+    p.add_argument("--launcher", default="inline", help="inline (default) | torchrun | print")
+    p.add_argument("--nproc", type=int, default=None, help="torchrun: processes per pretraining run (default: GPUs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[TABLE:]KEY=VALUE",
+                   help="override a config key of every run (or of one table's runs), e.g. --set data.root=PATH")
+    p = exp_sub.add_parser("report", help="DIR/report.md, DIR/results.csv and plots from whatever has finished")
+    p.add_argument("out", help="sweep directory")
     return parser
 
 
@@ -91,7 +109,8 @@ def _resolve_config(cls, args, default: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "data pack" if args.command == "data" else args.command
+    command = {"data": "data pack", "experiment": f"experiment {getattr(args, 'experiment_command', '')}"}.get(
+        args.command, args.command)
     try:
         result = _run(args)
     except MMFuseError as e:
@@ -136,6 +155,14 @@ def _run(args) -> dict:
         return predict(args.run_dir, parse_inputs(args.input), args.out, stride=args.stride, device=args.device)
     if args.command == "data":
         return _data_pack(args)
+    if args.command == "experiment":
+        from mmfuse_fast.experiment import run_experiment, write_report
+
+        if args.experiment_command == "report":
+            return write_report(args.out)
+        return run_experiment(args.spec, args.scale, args.out, seeds=args.seeds, only=args.only,
+                              launcher=args.launcher, overrides=args.overrides, nproc=args.nproc,
+                              log=lambda line: print(line, file=sys.stderr))
     from mmfuse_fast.engine.evaluate import evaluate
 
     return evaluate(args.run_dir, split=args.split, data_root=args.data_root, progress=not args.no_progress)

@@ -218,6 +218,10 @@ class FinetuneConfig:
     eval_stride: int = 0  # segmentation: sliding-window stride in px for rasters larger than img_size (0: half)
     mode: str = "linear"  # linear (frozen encoder) | full
     label_fraction: float = 1.0
+    label_seed: int = 0  # seed of the label_fraction draw (stratified; engine/finetune.py), independent of train.seed
+    # --- full fine-tuning (MAE recipe: configs/finetune_full.yaml); no effect on a frozen backbone (mode linear)
+    layer_decay: float = 1.0  # layer-wise lr decay: lr x layer_decay ** (depth + 1 - layer id); 1.0 = off
+    drop_path: float = 0.0  # stochastic depth of the backbone's blocks, rising linearly to this over depth
     pooling: str = "mean"
     data: DataConfig = field(default_factory=lambda: DataConfig(splits=["train"]))
     eval_split: str = "test"
@@ -231,6 +235,9 @@ class FinetuneConfig:
                  "must be >= 1 (and eval_stride >= 0)")
         _one_of(self.pooling, ("mean", "concat"), "pooling")
         require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
+        require(self.label_seed >= 0, "label_seed", f"must be >= 0; got {self.label_seed}")
+        require(0.0 < self.layer_decay <= 1.0, "layer_decay", f"must be in (0, 1] (1 = off); got {self.layer_decay}")
+        require(0.0 <= self.drop_path < 1.0, "drop_path", f"must be in [0, 1); got {self.drop_path}")
         require(len(set(self.modalities)) == len(self.modalities), "modalities",
                 f"must list distinct modality names; got {self.modalities}")
 

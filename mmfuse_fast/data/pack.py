@@ -323,6 +323,9 @@ class PackedDataset(RasterDataset):
             table = table[table["split"].isin(resolve_splits(split, self.root))]
         self.ids = list(table["id"])
         self.split_of = dict(zip(table["id"], table["split"]))
+        # scene packs: every sample's class from the metadata, so label subsets are drawn without reading samples
+        self.labels = (np.asarray(table["label"], dtype=np.int64)
+                       if self.task == "scene" and "label" in table.columns else None)
         merged = {m: {b: tuple(v) for b, v in s.items()} for m, s in self.manifest["stats"].items()}
         for m, s in (stats or {}).items():
             merged.setdefault(m, {}).update(s)

@@ -238,7 +238,8 @@ _HASH_EXCLUDE = {("train", "steps"), ("train", "log_every"), ("train", "checkpoi
 # Keys added after runs existed, at the value that computes what those runs computed: left out of the hash at that
 # value, so existing runs still resume.
 _HASH_NEUTRAL = {("model", "sensor_drop"): 0.0, ("model", "encoder_fusion"): "joint",
-                 ("model", "decoder_context"): "all", ("optim", "grad_clip_mode"): "global", ("modalities",): []}
+                 ("model", "decoder_context"): "all", ("optim", "grad_clip_mode"): "global", ("modalities",): [],
+                 ("label_seed",): 0, ("layer_decay",): 1.0, ("drop_path",): 0.0}
 
 
 def config_hash(config) -> str:
@@ -274,6 +275,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not ((ckpt / WEIGHTS_NAME).is_file() and (ckpt / STATE_NAME).is_file()):
         raise CheckpointError(f"{pointer} names {ckpt}, which is incomplete or missing")
     return ckpt
+
+
+def checkpoint_step(ckpt: str | Path) -> int | None:
+    """The step a checkpoint directory (`step_<step>`) was written at, or None for another name."""
+    match = _STEP_DIR.match(Path(ckpt).name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(

@@ -10,12 +10,12 @@ import torch
 
 from mmfuse_fast.engine.logging import read_metrics
 
-__all__ = ["plot_loss_curves", "plot_reconstructions", "true_colour", "percentile_stretch", "band_index"]
+__all__ = ["pyplot", "plot_loss_curves", "plot_reconstructions", "true_colour", "percentile_stretch", "band_index"]
 
 TRUE_COLOUR = ("B04", "B03", "B02")  # red, green, blue
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -39,7 +39,7 @@ def plot_loss_curves(metrics_path: str | Path, out_path: str | Path, title: str 
     records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"no metrics records in {metrics_path}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, label in (("loss", "total"), ("loss_rec", "reconstruction"), ("loss_con", "contrastive")):
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
@@ -100,7 +100,7 @@ def plot_reconstructions(model: torch.nn.Module, batch: dict, out_path: str | Pa
     if not columns:
         raise ValueError(f"the model has neither {s2!r} nor {s1!r}; modalities: {list(vis)}")
     rows = next(iter(vis.values()))["input"].shape[0]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), dpi=110, squeeze=False)
     for r in range(rows):
         refs = {}

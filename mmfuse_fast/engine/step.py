@@ -12,6 +12,8 @@ CUDA without graphs) and the body captured once into a CUDA graph and replayed:
 - the model returns `objective` (backpropagated) and its declared `metric_names` (summed on the device);
 - the learning rate (and a weight-decay schedule) are 0-d device tensors computed from a device step counter
   (engine/schedule.py), and AdamW is `fused=True` (+ `capturable=True` on CUDA) with that tensor as its `lr`;
+  param groups with an `lr_scale` (layer-wise lr decay, engine/optim.py) get their own 0-d device tensor, the
+  scheduled lr times the scale, written in place inside the step;
 - a step whose objective, metrics or gradient norm is not finite is skipped inside the fused optimizer (its
   `found_inf` input: no parameter, moment or step-count change) and counted; the run stops once `max_bad_steps`
   come in a row;
@@ -166,8 +168,13 @@ class TrainStep:
         self.grad_clip = float(optim_cfg.grad_clip)
         self.clip_per_parameter = optim_cfg.grad_clip_mode == "per_parameter"
         # A weight-decay schedule is applied here (the optimizer's own decay is 0 then: see build_optimizer).
-        self.decayed = ([p for g in optimizer.param_groups if g.get("name") == "decay" for p in g["params"]]
+        decay_groups = ([g for g in optimizer.param_groups if g.get("name") == "decay"]
                         if optim_cfg.weight_decay_end is not None else [])
+        self.decayed = [p for g in decay_groups for p in g["params"]]
+        # {lr scale: parameters} of the decayed groups (layer-wise lr decay scales the decoupled decay too)
+        self._decay_sets: dict[float, list[torch.Tensor]] = {}
+        for g in decay_groups:
+            self._decay_sets.setdefault(float(g.get("lr_scale", 1.0)), []).extend(g["params"])
         if hasattr(self.model, "set_total_steps"):
             self.model.set_total_steps(total_steps)
 
@@ -179,8 +186,14 @@ class TrainStep:
         self.acc = torch.zeros(n + len(_FLAGS), **f64)
         self.acc[self._flag["trip"]] = -1
         self.acc[self._flag["streak_start"]] = -1
+        # One device tensor shared by every group, written inside the step; groups with an lr_scale != 1 (layer-wise
+        # decay) get one tensor per distinct scale, the scheduled lr times the scale, written in the same step.
+        scales = sorted({float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups} - {1.0})
+        self.scaled_lrs = [torch.zeros_like(self.lr_t) for _ in scales]
+        self.lr_scales_t = torch.tensor(scales, device=device, dtype=self.lr_t.dtype)
+        lr_of_scale = dict(zip(scales, self.scaled_lrs))
         for g in optimizer.param_groups:
-            g["lr"] = self.lr_t  # one device tensor shared by every group; written inside the step
+            g["lr"] = lr_of_scale.get(float(g.get("lr_scale", 1.0)), self.lr_t)
         # fp16: dynamic loss scale (GradScaler's defaults)
         self.fp16 = self.amp_dtype == torch.float16
         self.scale = torch.full((), 2.0**16, device=device, dtype=torch.float32) if self.fp16 else None
@@ -233,6 +246,8 @@ class TrainStep:
         """The step as device ops only: the eager step, and what the CUDA graph captures."""
         lr = lr_tensor(self.step_t, self.optim_cfg, self.total_steps)
         self.lr_t.copy_(lr)
+        if self.scaled_lrs:
+            torch._foreach_copy_(self.scaled_lrs, list((self.lr_t * self.lr_scales_t).unbind(0)))
         self.optimizer.zero_grad(set_to_none=True)
         totals, objective_finite = None, None
         n = len(micro_batches)
@@ -272,9 +287,10 @@ class TrainStep:
             if self.decayed:  # decoupled weight decay, scheduled; none on a skipped step (as fused AdamW skips)
                 wd = cosine_schedule(self.step_t, self.optim_cfg.weight_decay, self.optim_cfg.weight_decay_end,
                                      self.total_steps)
-                factor = torch.where(skip, torch.ones_like(wd), 1.0 - lr * wd)
-                with torch.no_grad():
-                    torch._foreach_mul_(self.decayed, factor.to(self.decayed[0].dtype))
+                for scale, params in self._decay_sets.items():  # each group decays with its own (scaled) lr
+                    factor = torch.where(skip, torch.ones_like(wd), 1.0 - (lr if scale == 1.0 else lr * scale) * wd)
+                    with torch.no_grad():
+                        torch._foreach_mul_(params, factor.to(params[0].dtype))
             self.optimizer.found_inf = skip.float()  # fused AdamW skips the update (and its step count)
             self.optimizer.step()
             if self.fp16:
@@ -350,7 +366,7 @@ class TrainStep:
         }
 
     def _counters(self) -> list[torch.Tensor]:
-        out = [self.step_t, self.lr_t, self.acc]
+        out = [self.step_t, self.lr_t, self.acc, *self.scaled_lrs]
         if self.fp16:
             out += [self.scale, self.growth_tracker]
         return out

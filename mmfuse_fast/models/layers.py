@@ -150,21 +150,37 @@ class CrossAttention(nn.Module):
         return self.proj(_merge(out))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (timm's DropPath): in training, each sample's residual branch `x` is zeroed with
+    probability `rate` and the kept ones scaled by 1 / (1 - rate). The mask is a `torch.rand` on x's device from
+    the default generator (no host sync; a CUDA graph replays it with fresh philox offsets). Identity (the same
+    tensor, no op) when `rate` is 0 or not training."""
+    if rate <= 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) < keep
+    return x * (mask.to(x.dtype) / keep)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)), attention restricted by `allow`."""
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)), attention restricted by `allow`.
+
+    `drop_path` (a plain float attribute, 0 by default: not in the state_dict) is the stochastic-depth rate of both
+    residual branches in training mode (`set_drop_path`)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = float(drop_path)
 
     def forward(self, x: torch.Tensor, segments: Sequence[int], allow: torch.Tensor | None = None,
                 used: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), segments, allow, used)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x), segments, allow, used), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class CrossBlock(nn.Module):
@@ -199,6 +215,54 @@ def set_backend(module: nn.Module, backend: str) -> None:
     for m in module.modules():
         if isinstance(m, (Attention, CrossAttention)):
             m.backend = backend
+
+
+# The attributes of a backbone that hold its encoder blocks, in the order the forward pass runs them: the paper's
+# model (and Fus-MAE) `stem` (a ModuleDict of per-modality ModuleLists: parallel branches), `caf_blocks`, `blocks`;
+# a StackViT (SatViT's encoder, DINO-MM's teacher encoder) `blocks`. Only the backbone's own attributes count, so
+# a pretraining decoder's blocks (`decoders.<m>.blocks`) are not encoder layers.
+ENCODER_BLOCK_CONTAINERS = ("stem", "caf_blocks", "blocks")
+
+
+def encoder_layers(backbone: nn.Module) -> list[list[tuple[str, Block]]]:
+    """The backbone's encoder blocks by depth: element d lists the (qualified name, Block) pairs at depth d + 1
+    (its layer id). Parallel branches of one stage share a depth (the per-modality stem blocks of the same index),
+    stages follow each other in ENCODER_BLOCK_CONTAINERS order. Empty for a module with none of those containers."""
+    layers: list[list[tuple[str, Block]]] = []
+    for attr in ENCODER_BLOCK_CONTAINERS:
+        container = getattr(backbone, attr, None)
+        if isinstance(container, nn.ModuleDict):
+            branches = [(f"{attr}.{key}", blocks) for key, blocks in container.items()]
+        elif isinstance(container, (nn.ModuleList, nn.Sequential)):
+            branches = [(attr, container)]
+        else:
+            continue
+        stage: list[list[tuple[str, Block]]] = []
+        for prefix, blocks in branches:
+            for i, blk in enumerate(blocks):
+                if not isinstance(blk, Block):
+                    raise TypeError(f"{type(backbone).__name__}.{prefix}[{i}] is a {type(blk).__name__}, not a Block")
+                if i == len(stage):
+                    stage.append([])
+                stage[i].append((f"{prefix}.{i}", blk))
+        layers += stage
+    return layers
+
+
+def set_drop_path(backbone: nn.Module, rate: float) -> None:
+    """Stochastic depth on the backbone's encoder blocks (`encoder_layers`), rising linearly over depth from 0 at
+    the first layer to `rate` at the last (MAE/timm: linspace(0, rate, depth)); 0 switches it off. Parameters and
+    state_dict are unchanged."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop path rate must be in [0, 1); got {rate}")
+    layers = encoder_layers(backbone)
+    if rate > 0 and not layers:
+        raise ValueError(f"{type(backbone).__name__} has no encoder blocks in {ENCODER_BLOCK_CONTAINERS}: cannot "
+                         f"set a drop path rate")
+    rates = torch.linspace(0.0, rate, len(layers)).tolist() if layers else []
+    for layer, r in zip(layers, rates):
+        for _, blk in layer:
+            blk.drop_path = float(r)
 
 
 def init_weights(module: nn.Module) -> None:
