@@ -101,7 +101,7 @@ def _forget_unstarted(run: Run, out: Path) -> None:
     """A run directory without a checkpoint holds nothing a resume could use (a run killed before its first
     checkpoint): start it again from scratch."""
     run_dir = run.run_dir(out)
-    if run_dir.is_dir() and latest_checkpoint(run_dir) is None and not (run_dir / CHECKPOINT_DIR).exists():
+    if run_dir.is_dir() and not (run_dir / CHECKPOINT_DIR).exists():
         shutil.rmtree(run_dir)
 
 
