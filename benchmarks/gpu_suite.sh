@@ -42,7 +42,7 @@ bench() {
     run 150 "$py" benchmarks/bench_crop_resize.py --device cuda --backward
     run 150 "$py" benchmarks/bench_infonce.py --device cuda
     run 150 "$py" benchmarks/bench_modality_attention.py --full
-    run 240 "$py" benchmarks/bench_train_step.py --device cuda --configs tiny small base --batch-size 64
+    run 240 "$py" benchmarks/bench_train_step.py --device cuda --scales tiny small base --batch-size 64
 }
 
 stages=("$@")
