@@ -6,15 +6,15 @@ else the file must have exactly the model's band count, in the model's order. Th
 grid; the others must have the same CRS and footprint and are resampled (bilinear) onto it when their size differs.
 Values are normalized with the statistics saved by the fine-tuning run (task.json), rasters of any size are
 covered by overlapping sliding windows (logits averaged), and pixels that are nodata in every band of any input are
-written as nodata. The class map keeps the input's CRS, transform and nodata value (dtype uint8 when the classes and
-the nodata value fit, else int16/int32).
+written as nodata. The class map keeps the input's CRS, transform and nodata value and holds label values as the
+training labels use them (class k is written as k + 1 when the run was trained with `reduce_zero_label`), with a
+colour table and the class names in its metadata (dtype uint8 or uint16 when the values and the nodata value fit,
+else int16/int32, which GeoTIFF gives no colour table). The preview is the same map with a legend of class names.
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from mmfuse_fast.data.geotiff import (DataFileError, check_same_grid, default_ba
                                       resample)
 from mmfuse_fast.errors import UsageError
 
-__all__ = ["predict", "parse_inputs", "PALETTE", "write_png"]
+__all__ = ["predict", "parse_inputs", "PALETTE", "write_preview"]
 
 # tab20-like distinct colours; class k uses PALETTE[k % len(PALETTE)], nodata is black
 PALETTE = np.array([
@@ -51,17 +51,30 @@ def parse_inputs(items: Sequence[str]) -> dict[str, str] | list[str]:
     return out
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """(H, W, 3) uint8 -> an 8-bit RGB PNG (no dependency beyond zlib)."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+def write_preview(path: str | os.PathLike, classes: np.ndarray, invalid: np.ndarray, names: Sequence[str],
+                  values: Sequence[int]) -> Path:
+    """The class map in the palette's colours (nodata black) with a legend "value: name" for every class."""
+    from matplotlib.patches import Patch
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    from mmfuse_fast.engine.plots import pyplot
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    plt = pyplot()
+    rgb = PALETTE[classes % len(PALETTE)]
+    rgb[invalid] = 0
+    h, w = classes.shape
+    scale = max(1.0, 256 / min(h, w))  # tiny tiles stay readable; large scenes keep one pixel per pixel
+    fig_w, fig_h = w * scale / 100, h * scale / 100
+    fig = plt.figure(figsize=(fig_w + 2.2, max(fig_h, 0.25 * len(names) + 0.5)), dpi=100)
+    ax = fig.add_axes((0, 0, fig_w / (fig_w + 2.2), 1))
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    handles = [Patch(color=PALETTE[k % len(PALETTE)] / 255, label=f"{value}: {name}")
+               for k, (value, name) in enumerate(zip(values, names))]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _band_indexes(info, names: Sequence[str], modality: str) -> list[int]:
@@ -74,16 +87,15 @@ def _band_indexes(info, names: Sequence[str], modality: str) -> list[int]:
                         f"the file has {info.count} bands and its band descriptions do not name them all")
 
 
-def _output_dtype(num_classes: int, nodata) -> str:
-    if nodata is None:
-        return "uint8" if num_classes <= 256 else "int32"
-    if float(nodata).is_integer():
-        if 0 <= nodata <= 255 and num_classes <= 255 and not (0 <= nodata < num_classes):
-            return "uint8"
-        if -32768 <= nodata <= 32767 and num_classes <= 32767 and not (0 <= nodata < num_classes):
-            return "int16"
-        if not (0 <= nodata < num_classes):
-            return "int32"
+def _output_dtype(low: int, high: int, nodata) -> str:
+    """The smallest dtype holding the label values low..high and the nodata value, which must not be one of them."""
+    values = [low, high] + ([] if nodata is None else [nodata])
+    if nodata is not None and (not float(nodata).is_integer() or low <= nodata <= high):
+        return "float32"
+    for dtype in ("uint8", "uint16", "int16", "int32"):
+        info = np.iinfo(dtype)
+        if info.min <= min(values) and max(values) <= info.max:
+            return dtype
     return "float32"
 
 
@@ -146,8 +158,12 @@ def predict(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] 
     logits = sliding_window_logits(model, images, model.img_size, info["num_classes"], stride or cfg.eval_stride or None,
                                    batch_size)
     classes = logits[0].argmax(0).cpu().numpy()
-    dtype = _output_dtype(info["num_classes"], ref.nodata)
-    out = classes.astype(dtype)
+    num_classes = info["num_classes"]
+    offset = int(info.get("label_offset", 0))
+    values = list(range(offset, offset + num_classes))
+    names = list(info.get("classes") or [f"class_{k}" for k in range(num_classes)])
+    dtype = _output_dtype(values[0], values[-1], ref.nodata)
+    out = (classes + offset).astype(dtype)
     if ref.nodata is not None:
         out[invalid] = ref.nodata
     out_dir = Path(out_dir)
@@ -159,11 +175,13 @@ def predict(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] 
                        crs=ref.crs, transform=ref.transform, nodata=ref.nodata, compress="deflate") as dst:
         dst.write(out, 1)
         dst.set_band_description(1, "class")
+        dst.update_tags(1, **{f"CLASS_{value}": class_name for value, class_name in zip(values, names)})
+        if dtype in ("uint8", "uint16"):  # GeoTIFF stores a colour table only for these
+            dst.write_colormap(1, {value: (*map(int, PALETTE[k % len(PALETTE)]), 255)
+                                   for k, value in enumerate(values)})
     os.replace(tmp, tif_path)
-    rgb = PALETTE[classes % len(PALETTE)]
-    rgb[invalid] = 0
-    write_png(png_path, rgb)
-    counts = np.bincount(classes[~invalid].ravel(), minlength=info["num_classes"]).tolist()
+    write_preview(png_path, classes, invalid, names, values)
+    counts = np.bincount(classes[~invalid].ravel(), minlength=num_classes).tolist()
     return {"class_map": str(tif_path), "preview": str(png_path), "shape": list(out.shape), "dtype": dtype,
             "nodata": ref.nodata, "nodata_pixels": int(invalid.sum()), "class_counts": counts,
-            "classes": info.get("classes")}
+            "classes": names, "label_values": values}

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,30 @@ def test_predict_keeps_the_georeferencing(seg_run, tmp_path):
     assert valid.size == 40 * 30 - 12 and valid.min() >= 0 and valid.max() < 4
     assert result["nodata_pixels"] == 12 and sum(result["class_counts"]) == valid.size
     png = (tmp_path / "out" / "rgb_preview.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 30
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 256  # map + legend
+
+
+def test_predict_writes_label_values_names_and_colour_table(tmp_path):
+    """A run trained with reduce_zero_label predicts classes 0..2 for label values 1..3: the map holds 1..3 as the
+    label rasters do, with a colour table and the class names, and the preview has a legend."""
+    root = write_seg_tiles(tmp_path / "tiles", n=4, size=16, modalities={"rgb": (3, 1)}, num_classes=4)
+    cfg = load_config(FinetuneConfig, {"task": "segmentation", "mode": "full",
+                                       "data": {"dataset": "seg_tiles", "root": str(root),
+                                                "reduce_zero_label": True, "num_classes": 3},
+                                       "model": {"modalities": {"rgb": ["rgb_0", "rgb_1", "rgb_2"]}}}, TINY)
+    finetune(cfg, tmp_path / "run", progress=False)
+    image = write_tif(tmp_path / "scene.tif", np.random.default_rng(1).normal(100, 20, (3, 20, 20)).astype(np.float32),
+                      descriptions=["rgb_0", "rgb_1", "rgb_2"])
+    result = predict(tmp_path / "run", [image], tmp_path / "out")
+    assert result["label_values"] == [1, 2, 3] and len(result["classes"]) == 3
+    with rasterio.open(result["class_map"]) as out:
+        values = out.read(1)
+        assert out.dtypes[0] == "uint8" and values.min() >= 1 and values.max() <= 3
+        colours = out.colormap(1)
+        assert len({colours[v] for v in (1, 2, 3)}) == 3
+        assert out.tags(1)["CLASS_1"] == result["classes"][0]
+    assert sum(result["class_counts"]) == 400
+    assert Path(result["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_bad_inputs(seg_run, tmp_path, capsys):
