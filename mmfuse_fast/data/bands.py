@@ -1,20 +1,18 @@
 """Band specifications and normalization statistics, addressed by band name.
 
 Modalities: "s1" (Sentinel-1 GRD backscatter, dB) and "s2" (Sentinel-2 L2A surface reflectance as stored, DN).
-Channel order is the canonical order of `mmfuse_fast.config.S1_BANDS` / `S2_BANDS` unless a caller asks for a
-different selection/order by name.
+Channel order is the canonical order of `S1_BANDS` / `S2_BANDS` unless a caller asks for a different
+selection/order by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import numpy as np
 import torch
 
-from mmfuse_fast.config import S1_BANDS, S2_BANDS
-from mmfuse_fast.errors import ConfigError, DataError
+from mmfuse_fast.errors import DataError
 
+S1_BANDS = ("VV", "VH")
+S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")  # no B10 (cirrus)
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s1": tuple(S1_BANDS), "s2": tuple(S2_BANDS)}
 
 # Native ground sampling distance in metres. BigEarthNet stores each band at its native resolution over the same
@@ -60,62 +58,11 @@ def native_size_px(band: str) -> int:
     return PATCH_EXTENT_M // BAND_RESOLUTION_M[band]
 
 
-def resolve_modalities(modalities: Sequence[str] | str) -> tuple[str, ...]:
-    if isinstance(modalities, str):
-        modalities = (modalities,)
-    modalities = tuple(modalities)
-    if not modalities:
-        raise ConfigError("at least one modality is required (known: s1, s2)")
-    for modality in modalities:
-        if modality not in MODALITY_BANDS:
-            raise DataError(f"unknown modality {modality!r}; known modalities: {sorted(MODALITY_BANDS)}")
-    if len(set(modalities)) != len(modalities):
-        raise ConfigError(f"modality listed twice in {list(modalities)}")
-    return modalities
-
-
-def resolve_bands(
-    modalities: Sequence[str], bands: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, tuple[str, ...]]:
-    """Band names per modality in channel order: the canonical order unless `bands` selects/reorders them."""
-    bands = dict(bands or {})
-    for modality in bands:
-        if modality not in modalities:
-            raise ConfigError(
-                f"bands given for modality {modality!r}, which is not among the requested {list(modalities)}"
-            )
-    resolved = {}
-    for modality in modalities:
-        names = tuple(bands.get(modality, MODALITY_BANDS[modality]))
-        known = MODALITY_BANDS[modality]
-        for name in names:
-            if name not in known:
-                raise DataError(f"unknown band {name!r} for modality {modality!r}; known bands: {list(known)}")
-        if not names:
-            raise ConfigError(f"empty band list for modality {modality!r}")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"band listed twice for modality {modality!r}: {list(names)}")
-        resolved[modality] = names
-    return resolved
-
-
-def band_mean_std(
-    modality: str, bands: Sequence[str], stats: Mapping[str, tuple[float, float]] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) float32 arrays shaped (C, 1, 1) for broadcasting over (C, H, W); `stats` overrides by band."""
-    table = {**BAND_STATS[modality], **(stats or {})}
-    mean = np.array([table[b][0] for b in bands], dtype=np.float32).reshape(-1, 1, 1)
-    std = np.array([table[b][1] for b in bands], dtype=np.float32).reshape(-1, 1, 1)
-    if not (std > 0).all():
-        raise DataError(f"non-positive std in the {modality} band statistics: {dict(zip(bands, std.ravel()))}")
-    return mean, std
-
-
 def compute_band_stats(dataset, modality: str) -> dict[str, tuple[float, float]]:
     """Per-band (mean, std) over every pixel of every sample of `dataset` for one modality.
 
     `dataset` must yield physical values (built with normalize=False). The result has the shape of `BAND_STATS[m]`
-    and can be passed back as `band_stats={modality: result}` to a BigEarthNet reader.
+    and can be passed back as `stats={modality: result}` to a reader.
     """
     if getattr(dataset, "normalize", False):
         raise ValueError("compute_band_stats needs a dataset built with normalize=False (physical values)")

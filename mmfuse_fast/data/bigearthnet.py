@@ -4,33 +4,37 @@ Both readers return `{"s1": (2,120,120), "s2": (12,120,120), "label": (19,), "id
 requested modalities). 20 m and 60 m S2 bands are upsampled to 120 x 120 with bilinear interpolation
 (align_corners=False, antialias=False); 10 m bands are returned unchanged.
 
-Bad samples raise `BigEarthNetDataError` naming the patch and the problem. With `on_error="skip"` a bad sample is
-replaced, deterministically, by the next valid index (wrapping around): `ds[i]` warns once per bad sample, and
-`ds.skipped` counts the distinct bad samples this process has met (each DataLoader worker keeps its own count).
-Metadata problems (unknown label strings) are found when the dataset is built; in skip mode those rows are
-dropped there and counted in `ds.skipped` as well.
+Pixels at a band's declared nodata value are NaN in physical values and 0 (the band mean) once normalized.
+
+Bad samples raise `BigEarthNetDataError` (a `DataFileError` for a band file) naming the patch and the problem. With
+`on_error="skip"` a bad sample is replaced, deterministically, by the next valid index (wrapping around): `ds[i]`
+warns once per bad sample. Metadata problems (null cells, unknown label strings, unreadable labels metadata) are
+found when the dataset is built; in skip mode those rows are dropped there. `ds.skipped` counts both, over this
+process and its DataLoader workers (`mmfuse_fast.data.base`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import operator
+import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from mmfuse_fast.errors import BigEarthNetDataError, ConfigError, DataError
+from mmfuse_fast.errors import BigEarthNetDataError, DataError, DataFileError
 
-from .bands import PATCH_SIZE_PX, band_mean_std, native_size_px, resolve_bands, resolve_modalities
+from .bands import BAND_STATS, MODALITY_BANDS, PATCH_SIZE_PX, native_size_px
+from .base import BandDataset, resolve_stats
+from .geotiff import RasterInfo, check_same_grid, read_raster
+from .splits import (ALL, SPLIT_ALIASES, SPLITS, canonical_split, find_list_file, find_split_files,
+                     missing_split_list_error, read_split_rows, resolve_splits, selects_all)
 
 # The 19-class nomenclature of Sumbul et al. 2021 ("BigEarthNet-MM", IEEE GRSM), in the paper's order. This order
 # is the label order of every multi-hot vector in this project.
@@ -116,10 +120,6 @@ CORINE_43_TO_19: dict[str, str | None] = {
     for i, name in enumerate(CORINE_43_CLASSES)
 }
 
-SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-
-
 def label_key(name: str) -> str:
     """Spelling-insensitive key of a class name: "Transitional woodland/shrub" ~ "Transitional woodland, shrub"."""
     key = name.strip().lower().replace("-", " ")
@@ -168,130 +168,85 @@ def corine_43_to_19(labels: Sequence[str], patch_id: str = "?") -> list[str]:
     return mapped
 
 
-def canonical_split(name, where: str) -> str:
-    """The canonical name of split `name` ("val" -> "validation"); a DataError naming it, `where` it was asked
-    for (a dataset root, a split_files option) and the valid splits otherwise."""
-    if name not in SPLIT_ALIASES:
-        raise DataError(f"unknown split {name!r} ({where}); valid splits: train, validation (or val), test")
-    return SPLIT_ALIASES[name]
+class _BigEarthNetBase(BandDataset):
+    """Shared sample assembly: band selection, resampling, validation, nodata, normalization, skip-on-error."""
 
+    _all_bad_error = BigEarthNetDataError
 
-def resolve_splits(split: str | Sequence[str] | None, root: str | os.PathLike = "?") -> tuple[str, ...]:
-    """Canonical split names, each once; None is every split. Unknown names raise a DataError naming `root`."""
-    if split is None:
-        return SPLITS
-    names = (split,) if isinstance(split, str) else tuple(split)
-    resolved = []
-    for name in names:
-        name = canonical_split(name, f"dataset at {root}")
-        if name not in resolved:
-            resolved.append(name)
-    if not resolved:
-        raise DataError(f"empty split list for the dataset at {root}")
-    return tuple(resolved)
-
-
-class SkipBadSamples:
-    """`__getitem__` with the index check and skip-on-error of the dataset classes.
-
-    The class sets `ids`, `on_error` ("raise" | "skip"), `skipped` (0), `_bad_indices` (an empty set) and implements
-    `_load_sample(index) -> sample`, which raises `BigEarthNetDataError` for a bad sample. With `on_error="skip"` a
-    bad sample is replaced by the next valid index (wrapping around), warned about once and counted in `skipped`;
-    when every sample is bad, `_all_bad_error` is raised.
-    """
-
-    _all_bad_error: type[BigEarthNetDataError] = BigEarthNetDataError
-
-    @staticmethod
-    def check_on_error(on_error: str) -> str:
-        if on_error not in ("raise", "skip"):
-            raise ConfigError(f"reader option on_error must be 'raise' or 'skip', got {on_error!r}")
-        return on_error
-
-    def _load_sample(self, index: int) -> dict:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
-        index %= len(self)
-        if self.on_error == "raise":
-            return self._load_sample(index)
-        for step in range(len(self)):
-            candidate = (index + step) % len(self)
-            if candidate in self._bad_indices:
-                continue
-            try:
-                return self._load_sample(candidate)
-            except BigEarthNetDataError as error:
-                self._bad_indices.add(candidate)
-                self.skipped += 1
-                warnings.warn(f"skipping bad sample {candidate} ({self.ids[candidate]}): {error}", stacklevel=2)
-        raise self._all_bad_error(f"every one of the {len(self)} samples is bad (on_error='skip')")
-
-
-class _BigEarthNetBase(SkipBadSamples, Dataset):
-    """Shared sample assembly: band selection, resampling, validation, normalization and skip-on-error."""
-
-    def __init__(self, modalities, normalize, bands, on_error, band_stats):
-        self.check_on_error(on_error)
-        self.modalities = resolve_modalities(modalities)
-        self.bands = resolve_bands(self.modalities, bands)
-        self.normalize = bool(normalize)
-        self.on_error = on_error
-        band_stats = band_stats or {}
-        self._mean_std = {m: band_mean_std(m, self.bands[m], band_stats.get(m)) for m in self.modalities}
-        self.skipped = 0
-        self._bad_indices: set[int] = set()
+    def __init__(self, modalities, bands, normalize, stats, on_error):
+        self.select_bands(modalities, MODALITY_BANDS, bands, normalize, on_error)
+        given = resolve_stats(stats, MODALITY_BANDS, self.bands)
+        self.set_mean_std({m: {**BAND_STATS[m], **given.get(m, {})} for m in self.modalities})
         self.ids: list[str] = []
+        self.s1_names: list[str | None] = []
         self.labels = np.zeros((0, len(BIGEARTHNET_CLASSES)), dtype=np.float32)
 
-    # subclasses: raw band arrays of sample `index` for one modality, keyed by band name
-    def _read_bands(self, index: int, modality: str) -> Mapping[str, np.ndarray]:
+    @property
+    def _s1_names(self) -> list[str | None]:  # the name pack.py reads
+        return self.s1_names
+
+    def read_bands(self, index: int, modality: str) -> dict[str, np.ndarray]:
+        """The requested bands of one modality of sample `index`, as stored (native resolution and dtype)."""
+        return self.read_bands_and_nodata(index, modality)[0]
+
+    _read_bands = read_bands  # the name pack.py reads
+
+    def read_bands_and_nodata(self, index: int, modality: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """(`read_bands`, {band: the nodata value its file declares, for the bands that declare one})."""
         raise NotImplementedError
 
-    def _source_name(self, index: int, modality: str) -> str:
-        return self.ids[index]
+    def _read_sample_bands(self, index: int) -> dict[str, tuple[dict[str, np.ndarray], dict[str, float]]]:
+        return {m: self.read_bands_and_nodata(index, m) for m in self.modalities}
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def _source_name(self, index: int, modality: str) -> str:
+        return f"patch {self.ids[index]} ({modality})"
 
     def _load_sample(self, index: int) -> dict:
         sample = {}
-        for modality in self.modalities:
-            raw = self._read_bands(index, modality)
-            image = self._assemble(raw, modality, self._source_name(index, modality))  # a fresh float32 array
-            if self.normalize:  # in place: the same arithmetic as (image - mean) / std without two temporaries
-                mean, std = self._mean_std[modality]
-                np.subtract(image, mean, out=image)
-                np.divide(image, std, out=image)
+        for modality, (raw, nodata) in self._read_sample_bands(index).items():
+            image, has_nodata = self._assemble(raw, nodata, modality, self._source_name(index, modality))
+            if self.normalize:
+                self.normalize_in_place(image, modality)
+                if has_nodata:  # nodata pixels become the band mean, as in the raster readers
+                    np.nan_to_num(image, copy=False, nan=0.0)
             sample[modality] = torch.from_numpy(image)
         sample["label"] = torch.from_numpy(self.labels[index].copy())
         sample["id"] = self.ids[index]
         return sample
 
-    def _assemble(self, raw: Mapping[str, np.ndarray], modality: str, source: str) -> np.ndarray:
-        """Stack the requested bands at 120 x 120 in channel order, after checking names, shapes and values.
-
-        Returns a new C-contiguous float32 array (C, 120, 120) that the caller may modify in place."""
+    def _assemble(self, raw: Mapping[str, np.ndarray], nodata: Mapping[str, float], modality: str,
+                  source: str) -> tuple[np.ndarray, bool]:
+        """The requested bands stacked at 120 x 120 in channel order, after checking names, shapes and values;
+        pixels at a band's declared nodata value are NaN. Returns (a new C-contiguous float32 (C, 120, 120) array
+        the caller may modify in place, whether any pixel is nodata)."""
         bands = self.bands[modality]
         image = np.empty((len(bands), PATCH_SIZE_PX, PATCH_SIZE_PX), dtype=np.float32)
         to_resample: dict[int, list[tuple[int, np.ndarray]]] = {}  # side -> (channel, array): one call per size
+        has_nodata = False
         for position, band in enumerate(bands):
             if band not in raw:
                 raise BigEarthNetDataError(f"{source}: band {band} is missing (present: {sorted(raw)})")
-            array = np.asarray(raw[band])
+            stored = np.asarray(raw[band])
             native = native_size_px(band)
             allowed = {(native, native), (PATCH_SIZE_PX, PATCH_SIZE_PX)}
-            if array.shape not in allowed:
+            if stored.shape not in allowed:
                 raise BigEarthNetDataError(
-                    f"{source}: band {band} has shape {array.shape}, expected one of {sorted(allowed)}"
+                    f"{source}: band {band} has shape {stored.shape}, expected one of {sorted(allowed)}"
                 )
-            array = array.astype(np.float32, copy=False)  # no copy for float32 (S1) bands
-            # integers (S2 DN) are finite whatever their value: only float bands need the check
-            if raw[band].dtype.kind not in "iub" and not np.isfinite(array).all():
-                raise BigEarthNetDataError(f"{source}: band {band} contains NaN or infinite values")
+            array = stored.astype(np.float32, copy=False)  # no copy for float32 (S1) bands
+            missing_value = nodata.get(band)
+            # integers (S2 DN) are finite whatever their value: only float bands need the check; NaN is fine in
+            # a band that declares NaN its nodata value
+            if stored.dtype.kind not in "iub" and not np.isfinite(array).all():
+                declared_nan = missing_value is not None and math.isnan(missing_value)
+                if not declared_nan or np.isinf(array).any():
+                    raise BigEarthNetDataError(f"{source}: band {band} contains NaN or infinite values")
+                has_nodata = True
+            if missing_value is not None and not math.isnan(missing_value):
+                mask = stored == missing_value
+                if mask.any():
+                    array = np.where(mask, np.float32(np.nan), array)
+                    has_nodata = True
             if array.shape[0] == PATCH_SIZE_PX:
                 image[position] = array
             else:
@@ -302,21 +257,40 @@ class _BigEarthNetBase(SkipBadSamples, Dataset):
                 stack, size=(PATCH_SIZE_PX, PATCH_SIZE_PX), mode="bilinear", align_corners=False, antialias=False
             )[0].numpy()
             image[[position for position, _ in group]] = upsampled
-        return image
+        return image, has_nodata
 
-    def _labels_from_lists(self, ids: Sequence[str], label_lists: Sequence[Sequence[str]]) -> list:
-        """Multi-hot labels; rows with unknown labels raise, or in skip mode are marked None and counted."""
+    def _drop_row(self, error: BigEarthNetDataError) -> None:
+        """A metadata row that cannot become a sample: raised, or in skip mode warned about and counted."""
+        if self.on_error == "raise":
+            raise error
+        warnings.warn(f"skipping {error}", stacklevel=3)
+        self._rows_dropped += 1
+
+    def _labels_from_lists(self, ids: Sequence[str], label_lists: Sequence, where: str) -> list:
+        """Multi-hot labels; rows with missing or unknown labels raise, or in skip mode are None and counted."""
         rows = []
         for patch_id, labels in zip(ids, label_lists):
             try:
-                rows.append(labels_to_multi_hot(list(labels), patch_id))
+                rows.append(labels_to_multi_hot(label_list(labels, f"patch {patch_id} in {where}"), patch_id))
             except BigEarthNetDataError as error:
-                if self.on_error == "raise":
-                    raise
-                warnings.warn(f"skipping patch {patch_id}: {error}", stacklevel=3)
-                self.skipped += 1
+                self._drop_row(error)
                 rows.append(None)
         return rows
+
+    def _require_samples(self, split, where: str) -> None:
+        if not self.ids:
+            raise BigEarthNetDataError(f"split {split!r} selects no patch of {where}"
+                                       + (f" ({self._rows_dropped} skipped as bad)" if self._rows_dropped else ""))
+
+
+def label_list(labels, where: str) -> list[str]:
+    """`labels` of a metadata row as a list of strings; a null cell or another type is an error naming `where`."""
+    if labels is None or isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+        raise BigEarthNetDataError(f"{where}: 'labels' is {labels!r}, not a list of class names")
+    labels = list(labels)
+    if not all(isinstance(label, str) for label in labels):
+        raise BigEarthNetDataError(f"{where}: 'labels' holds non-text entries {labels!r}")
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,9 +343,10 @@ class BigEarthNetV2(_BigEarthNetBase):
 
     `root/` holds the LMDB folder (any sub-folder with `data.mdb`, normally `BigEarthNet-V2-LMDB/`),
     `metadata.parquet` and optionally `metadata_for_patches_with_snow_cloud_or_shadow.parquet`, whose rows are
-    included unless `drop_snow_cloud=True`. `split`: a name, a sequence of names, or None for all.
-    `bands`: optional {modality: [band names]} to select/reorder bands. `band_stats`: optional
-    {modality: {band: (mean, std)}} overriding the default normalization statistics.
+    included unless `drop_snow_cloud=True`. `split`: a name, a list of names, or "all" (None) for every row,
+    including rows without a split (a pack of BigEarthNet v1 made without split lists). A metadata row with a
+    null `labels` or `s1_name` cell, or unknown labels, raises naming the file and patch (or is skipped and counted
+    with `on_error="skip"`).
     """
 
     def __init__(
@@ -379,56 +354,74 @@ class BigEarthNetV2(_BigEarthNetBase):
         root: str | os.PathLike,
         split: str | Sequence[str] | None = "train",
         modalities: Sequence[str] = ("s1", "s2"),
-        normalize: bool = True,
-        drop_snow_cloud: bool = False,
         bands: Mapping[str, Sequence[str]] | None = None,
+        normalize: bool = True,
+        stats: Mapping[str, Mapping[str, tuple[float, float]] | str] | None = None,
         on_error: str = "raise",
-        band_stats: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+        drop_snow_cloud: bool = False,
     ):
-        super().__init__(modalities, normalize, bands, on_error, band_stats)
         self.root = Path(root)
+        super().__init__(modalities, bands, normalize, stats, on_error)
         if not self.root.is_dir():
             raise FileNotFoundError(f"BigEarthNet v2 root not found: {self.root}")
         self.splits = resolve_splits(split, self.root)
         self.lmdb_path = find_lmdb_dir(self.root)
-        self._every_split = split is None  # also rows without a split (a pack of BigEarthNet v1 with split=None)
+        self._every_split = selects_all(split)
         self.drop_snow_cloud = bool(drop_snow_cloud)
         self.metadata = self._read_metadata()
-        label_rows = self._labels_from_lists(list(self.metadata["patch_id"]), list(self.metadata["labels"]))
+        label_rows = self._labels_from_lists(list(self.metadata["patch_id"]), list(self.metadata["labels"]),
+                                             self.root / METADATA_FILE)
         keep = [row is not None for row in label_rows]
         self.metadata = self.metadata[keep].reset_index(drop=True)
         self.labels = np.stack([r for r in label_rows if r is not None]) if any(keep) else self.labels
         self.ids = list(self.metadata["patch_id"])
-        self._s1_names = list(self.metadata["s1_name"])
+        self.s1_names = list(self.metadata["s1_name"])
         self.split_of = dict(zip(self.metadata["patch_id"], self.metadata["split"]))
+        self._require_samples(split, f"the BigEarthNet v2 metadata under {self.root}")
         self._env = None
         self._env_pid = None
+        self.track_skipped(self._rows_dropped)
 
     def _read_metadata(self) -> pd.DataFrame:
         metadata_path = self.root / METADATA_FILE
         if not metadata_path.is_file():
             raise FileNotFoundError(f"BigEarthNet v2 metadata not found: {metadata_path}")
-        tables = [pd.read_parquet(metadata_path)]
+        paths = [metadata_path]
         snow_cloud_path = self.root / SNOW_CLOUD_METADATA_FILE
         if snow_cloud_path.is_file() and not self.drop_snow_cloud:
-            tables.append(pd.read_parquet(snow_cloud_path))
+            paths.append(snow_cloud_path)
+        required = ["patch_id", "labels", "split", "s1_name"]
+        tables = []
+        for path in paths:
+            try:
+                table = pd.read_parquet(path)
+            except Exception as error:  # pyarrow raises several types for a corrupt or truncated file
+                raise BigEarthNetDataError(f"{path}: unreadable parquet file ({error})") from None
+            missing = [c for c in required if c not in table.columns]
+            if missing:
+                raise BigEarthNetDataError(f"{path}: missing columns {missing}")
+            unnamed = table.index[table["patch_id"].isna()]
+            if len(unnamed):
+                raise BigEarthNetDataError(f"{path}: row {unnamed[0]} has no patch_id")
+            tables.append(table.assign(metadata_file=str(path)))
         metadata = pd.concat(tables, ignore_index=True)
-        required = {"patch_id", "labels", "split", "s1_name"}
-        missing = required - set(metadata.columns)
-        if missing:
-            raise BigEarthNetDataError(f"{metadata_path}: missing columns {sorted(missing)}")
         duplicated = metadata["patch_id"][metadata["patch_id"].duplicated()]
         if len(duplicated):
             raise BigEarthNetDataError(f"patch {duplicated.iloc[0]} appears twice in the metadata under {self.root}")
         if self.drop_snow_cloud:
             flags = [c for c in ("contains_seasonal_snow", "contains_cloud_or_shadow") if c in metadata.columns]
             for column in flags:
-                metadata = metadata[~metadata[column].astype(bool)]
+                metadata = metadata[~metadata[column].fillna(False).astype(bool)]
         unknown = sorted(set(metadata["split"].dropna()) - set(SPLITS))
         if unknown:
             raise BigEarthNetDataError(f"{metadata_path}: unknown split names {unknown}")
         if not self._every_split:
             metadata = metadata[metadata["split"].isin(self.splits)]
+        if "s1" in self.modalities:
+            no_s1 = metadata["s1_name"].isna()
+            for patch_id, path in zip(metadata["patch_id"][no_s1], metadata["metadata_file"][no_s1]):
+                self._drop_row(BigEarthNetDataError(f"patch {patch_id} in {path}: 's1_name' is empty"))
+            metadata = metadata[~no_s1]
         return metadata.reset_index(drop=True)
 
     def _transaction_env(self):
@@ -443,14 +436,16 @@ class BigEarthNetV2(_BigEarthNetBase):
         state["_env_pid"] = None
         return state
 
-    def _source_name(self, index: int, modality: str) -> str:
-        key = self.ids[index] if modality == "s2" else self._s1_names[index]
-        return f"patch {self.ids[index]} ({modality} key {key})"
+    def _lmdb_key(self, index: int, modality: str) -> str:
+        return self.ids[index] if modality == "s2" else self.s1_names[index]
 
-    def _read_bands(self, index: int, modality: str) -> Mapping[str, np.ndarray]:
+    def _source_name(self, index: int, modality: str) -> str:
+        return f"patch {self.ids[index]} ({modality} key {self._lmdb_key(index, modality)})"
+
+    def read_bands_and_nodata(self, index: int, modality: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         from safetensors.numpy import load as load_safetensors
 
-        key = self.ids[index] if modality == "s2" else self._s1_names[index]
+        key = self._lmdb_key(index, modality)
         with self._transaction_env().begin(buffers=False) as txn:
             blob = txn.get(key.encode())
         if blob is None:
@@ -458,7 +453,7 @@ class BigEarthNetV2(_BigEarthNetBase):
                 f"{self._source_name(index, modality)}: key missing from the LMDB {self.lmdb_path}"
             )
         try:
-            return load_safetensors(blob)
+            return load_safetensors(blob), {}
         except Exception as error:  # safetensors raises several types for corrupt headers/bodies
             raise BigEarthNetDataError(
                 f"{self._source_name(index, modality)}: corrupt LMDB value, not a safetensors blob ({error})"
@@ -466,40 +461,80 @@ class BigEarthNetV2(_BigEarthNetBase):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# BigEarthNet v1: GeoTIFF folders (BigEarthNet-S1-v1.0/, BigEarthNet-v1.0/)
+# BigEarthNet v1: GeoTIFF folders, one per patch (BigEarthNet-S1-v1.0/, BigEarthNet-v1.0/ or any other names)
 
-_S1_FOLDERS = ("BigEarthNet-S1-v1.0", "BigEarthNet-S1-v1.0-Example", "BigEarthNet-S1-Example")
-_S2_FOLDERS = ("BigEarthNet-v1.0", "BigEarthNet-v1.0-Example", "BigEarthNet-Example")
-_SPLIT_FILES = {"train": "train.csv", "validation": "val.csv", "test": "test.csv"}
-_SNOW_CLOUD_FILES = ("patches_with_seasonal_snow.csv", "patches_with_cloud_and_shadow.csv")
-_CSV_HEADER_WORDS = {"s2", "s1", "s2_name", "s1_name", "patch_id", "patch", "name", "s2_patch", "s1_patch"}
-
-
-def _read_patch_csv(path: Path) -> list[list[str]]:
-    """Rows of a BigEarthNet patch list: one S2 name per line, or `s2,s1` pairs; an optional header is skipped."""
-    with open(path, newline="") as handle:
-        rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if row and row[0].strip()]
-    if rows and rows[0][0].lower() in _CSV_HEADER_WORDS:
-        rows = rows[1:]
-    return rows
+SNOW_CLOUD_LISTS = ("patches_with_seasonal_snow.csv", "patches_with_cloud_and_shadow.csv")
+_KIND_BANDS = {"s1": set(MODALITY_BANDS["s1"]), "s2": set(MODALITY_BANDS["s2"]) | {"B10"}}
+_PATCH_FOLDERS_LOOKED_AT = 4  # patch folders a folder's first entries must include to be recognized
+_SEARCH_DEPTH = 3  # folder levels under the root searched for the patch folders
 
 
-def _first_existing(root: Path, names: Sequence[str]) -> Path | None:
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
+def _read_patch_csv(path: Path) -> list[list[str]]:  # the name pack.py reads
+    return read_split_rows(path)
+
+
+def patch_folder_kind(folder: Path) -> str | None:
+    """"s1" or "s2" when `folder` holds BigEarthNet v1 patch folders (`<name>/<name>_<band>.tif`), judged by its
+    first few sub-folders; else None."""
+    looked_at = 0
+    try:
+        entries = os.scandir(folder)
+    except OSError:
+        return None
+    with entries:
+        for entry in entries:
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            prefix = entry.name + "_"
+            with os.scandir(entry.path) as files:
+                bands = {f.name[len(prefix):-4] for f in files if f.name.startswith(prefix) and f.name.endswith(".tif")}
+            for kind, names in _KIND_BANDS.items():
+                if bands & names:
+                    return kind
+            looked_at += 1
+            if looked_at >= _PATCH_FOLDERS_LOOKED_AT:
+                return None
     return None
+
+
+def find_patch_folders(root: Path, kinds: Sequence[str] = ("s1", "s2")) -> dict[str, Path]:
+    """{kind: folder} for the `kinds` ("s1", "s2") of the BigEarthNet v1 archive under `root` found by content (the
+    root itself or a folder up to three levels down, whatever its name). Two folders of one kind is an error
+    naming both."""
+    found: dict[str, list[Path]] = {"s1": [], "s2": []}
+    level = [root]
+    for _ in range(_SEARCH_DEPTH + 1):
+        below = []
+        for folder in level:
+            kind = patch_folder_kind(folder)
+            if kind is not None:
+                found[kind].append(folder)
+            else:
+                below.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        level = below
+    found = {kind: folders for kind, folders in found.items() if kind in kinds}
+    for kind, folders in found.items():
+        if len(folders) > 1:
+            raise DataError(f"several Sentinel-{kind[1]} patch folders under {root}: "
+                            f"{', '.join(str(f) for f in folders)}; pass {kind}_root to choose one")
+    return {kind: folders[0] for kind, folders in found.items() if folders}
 
 
 class BigEarthNetV1(_BigEarthNetBase):
     """BigEarthNet v1 from the GeoTIFF folders, labels mapped from the 43 CORINE classes to the 19 classes.
 
-    Pairs and labels come from the S1 patches' `<s1>_labels_metadata.json` (`labels`, `corresponding_s2_patch`);
-    with only "s2" requested and no S1 folder, from the S2 patches' `<s2>_labels_metadata.json`.
-    `split`: a name, names, or None for every patch found. Split lists are `split_files={split: path}` or
-    `train.csv`/`val.csv`/`test.csv` in `root` (S2 names, one per line, or `s2,s1` pairs).
-    `drop_snow_cloud` removes the S2 patches listed in `patches_with_seasonal_snow.csv` and
-    `patches_with_cloud_and_shadow.csv` (found in `root`).
+    The Sentinel-1 and Sentinel-2 patch folders are found by content under `root` (BigEarthNet-v1.0,
+    BigEarthNet-S2-Example, or any other names), or given as `s1_root` / `s2_root`. Pairs and labels come from the
+    S1 patches' `<s1>_labels_metadata.json` (`labels`, `corresponding_s2_patch`); with no S1 folder, from the S2
+    patches' `<s2>_labels_metadata.json` (then only "s2" can be read).
+    `split`: a name, names, or "all" (None) for every patch found. Split lists are `split_files={split: path}` or
+    `train.csv`/`val.csv`/`test.csv` (also `.csv.bz2`, as `bigearthnet-common` ships them) in `root`: S2 names,
+    one per line, or `s2,s1` pairs. `drop_snow_cloud` removes the S2 patches listed in
+    `patches_with_seasonal_snow.csv` and `patches_with_cloud_and_shadow.csv` (or .bz2) found in `root`.
+
+    Every band file of a sample must have the CRS and footprint of the sample's first band file (S1 and S2 alike);
+    pixels at a band's declared nodata value are NaN (0 once normalized). Problems raise `BigEarthNetDataError` /
+    `DataFileError` naming the patch and file, or with `on_error="skip"` are skipped and counted in `skipped`.
     """
 
     def __init__(
@@ -507,24 +542,35 @@ class BigEarthNetV1(_BigEarthNetBase):
         root: str | os.PathLike,
         split: str | Sequence[str] | None = None,
         modalities: Sequence[str] = ("s1", "s2"),
-        normalize: bool = True,
-        drop_snow_cloud: bool = False,
         bands: Mapping[str, Sequence[str]] | None = None,
+        normalize: bool = True,
+        stats: Mapping[str, Mapping[str, tuple[float, float]] | str] | None = None,
         on_error: str = "raise",
+        drop_snow_cloud: bool = False,
         split_files: Mapping[str, str | os.PathLike] | None = None,
-        band_stats: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+        s1_root: str | os.PathLike | None = None,
+        s2_root: str | os.PathLike | None = None,
     ):
-        super().__init__(modalities, normalize, bands, on_error, band_stats)
         self.root = Path(root)
+        super().__init__(modalities, bands, normalize, stats, on_error)
         if not self.root.is_dir():
             raise FileNotFoundError(f"BigEarthNet v1 root not found: {self.root}")
-        self.splits = None if split is None else resolve_splits(split, self.root)  # before the slow indexing
-        self.s1_dir = _first_existing(self.root, _S1_FOLDERS)
-        self.s2_dir = _first_existing(self.root, _S2_FOLDERS)
-        if "s1" in self.modalities and self.s1_dir is None:
-            raise FileNotFoundError(f"no Sentinel-1 folder under {self.root} (looked for {list(_S1_FOLDERS)})")
-        if "s2" in self.modalities and self.s2_dir is None:
-            raise FileNotFoundError(f"no Sentinel-2 folder under {self.root} (looked for {list(_S2_FOLDERS)})")
+        self.splits = None if selects_all(split) else resolve_splits(split, self.root)  # before the slow indexing
+        folders = {}
+        for kind, given in (("s1", s1_root), ("s2", s2_root)):
+            if given is not None:
+                if not Path(given).is_dir():
+                    raise FileNotFoundError(f"{kind}_root not found: {given}")
+                folders[kind] = Path(given)
+        if len(folders) < 2:
+            folders.update(find_patch_folders(self.root, [kind for kind in ("s1", "s2") if kind not in folders]))
+        self.s1_dir, self.s2_dir = folders.get("s1"), folders.get("s2")
+        for kind, folder in (("s1", self.s1_dir), ("s2", self.s2_dir)):
+            if kind in self.modalities and folder is None:
+                raise FileNotFoundError(f"no Sentinel-{kind[1]} patch folders under {self.root} (folders of "
+                                        f"<name>/<name>_<band>.tif); pass {kind}_root")
+        if self.s1_dir is None and self.s2_dir is None:
+            raise FileNotFoundError(f"no BigEarthNet v1 patch folders under {self.root}")
         self.drop_snow_cloud = bool(drop_snow_cloud)
 
         pairs = self._index_patches()  # s2 name -> (s1 name or None, 19-class labels or an error)
@@ -537,82 +583,88 @@ class BigEarthNetV1(_BigEarthNetBase):
         for s2_name, split_name in selected:
             s1_name, labels = pairs[s2_name]
             if isinstance(labels, BigEarthNetDataError):
-                if self.on_error == "raise":
-                    raise labels
-                warnings.warn(f"skipping patch {s2_name}: {labels}", stacklevel=2)
-                self.skipped += 1
+                self._drop_row(labels)
                 continue
             ids.append(s2_name)
             s1_names.append(s1_name)
             split_names.append(split_name)
             label_rows.append(labels_to_multi_hot(labels, s2_name))
         self.ids = ids
-        self._s1_names = s1_names
+        self.s1_names = s1_names
         self.labels = np.stack(label_rows) if label_rows else self.labels
         self.split_of = dict(zip(ids, split_names))
         self.metadata = pd.DataFrame({"patch_id": ids, "s1_name": s1_names, "split": split_names})
+        self._require_samples(split if self.splits is not None else ALL, f"the BigEarthNet v1 archive at {self.root}")
+        self.track_skipped(self._rows_dropped)
 
     def _index_patches(self) -> dict[str, tuple[str | None, list[str] | BigEarthNetDataError]]:
-        pairs = {}
-        if self.s1_dir is not None:
-            for folder in sorted(p for p in self.s1_dir.iterdir() if p.is_dir()):
-                meta = self._read_json(folder / f"{folder.name}_labels_metadata.json")
-                s2_name = meta.get("corresponding_s2_patch")
-                if not s2_name:
-                    raise BigEarthNetDataError(f"{folder}: labels metadata has no 'corresponding_s2_patch'")
-                pairs[s2_name] = (folder.name, self._mapped_labels(meta, f"{s2_name} (S1 patch {folder.name})"))
-        else:
-            for folder in sorted(p for p in self.s2_dir.iterdir() if p.is_dir()):
-                meta = self._read_json(folder / f"{folder.name}_labels_metadata.json")
-                pairs[folder.name] = (None, self._mapped_labels(meta, folder.name))
+        pairs: dict[str, tuple[str | None, list[str] | BigEarthNetDataError]] = {}
+        patch_root = self.s1_dir if self.s1_dir is not None else self.s2_dir
+        for folder in sorted(p for p in patch_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            path = folder / f"{folder.name}_labels_metadata.json"
+            try:
+                meta = self._read_json(path)
+                if self.s1_dir is None:
+                    s2_name, s1_name = folder.name, None
+                else:
+                    s2_name, s1_name = meta.get("corresponding_s2_patch"), folder.name
+                    if not isinstance(s2_name, str) or not s2_name:
+                        raise BigEarthNetDataError(f"patch {folder.name}: {path} has no 'corresponding_s2_patch'")
+                    if s2_name in pairs:
+                        raise BigEarthNetDataError(f"patch {s2_name}: paired with two S1 patches, {pairs[s2_name][0]} "
+                                                   f"and {folder.name}")
+            except BigEarthNetDataError as error:
+                self._drop_row(error)
+                continue
+            pairs[s2_name] = (s1_name, self._mapped_labels(meta, s2_name, path))
         return pairs
 
     @staticmethod
     def _read_json(path: Path) -> dict:
         if not path.is_file():
-            raise FileNotFoundError(f"BigEarthNet v1 labels metadata not found: {path}")
+            raise BigEarthNetDataError(f"patch {path.parent.name}: labels metadata missing: {path}")
         try:
             with open(path) as handle:
-                return json.load(handle)
+                meta = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BigEarthNetDataError(f"{path}: not valid JSON ({error})") from None
+            raise BigEarthNetDataError(f"patch {path.parent.name}: {path} is not valid JSON ({error})") from None
+        if not isinstance(meta, dict):
+            raise BigEarthNetDataError(f"patch {path.parent.name}: {path} holds no JSON object")
+        return meta
 
     @staticmethod
-    def _mapped_labels(meta: dict, patch_name: str) -> list[str] | BigEarthNetDataError:
+    def _mapped_labels(meta: dict, s2_name: str, path: Path) -> list[str] | BigEarthNetDataError:
+        where = f"patch {s2_name} ({path})"
         if "labels" not in meta:
-            return BigEarthNetDataError(f"patch {patch_name}: labels metadata has no 'labels'")
+            return BigEarthNetDataError(f"{where}: labels metadata has no 'labels'")
         try:
-            return corine_43_to_19(meta["labels"], patch_name)
+            return corine_43_to_19(label_list(meta["labels"], where), where)
         except BigEarthNetDataError as error:
             return error
 
     def _select_patches(self, pairs, split_files) -> list[tuple[str, str | None]]:
-        split_files = {canonical_split(k, "in split_files"): Path(v) for k, v in (split_files or {}).items()}
-        for name, file_name in _SPLIT_FILES.items():
-            if name not in split_files and (self.root / file_name).is_file():
-                split_files[name] = self.root / file_name
+        files = find_split_files(self.root, split_files)
         if self.splits is None:
             # every patch found; its split is known when a split list names it
             split_of = {}
-            for name, path in split_files.items():
-                for row in _read_patch_csv(path):
+            for name, path in files.items():
+                for row in read_split_rows(path):
                     split_of.setdefault(row[0], name)
             return [(s2, split_of.get(s2)) for s2 in pairs]
         selected = []
         for name in self.splits:
-            if name not in split_files:
-                raise FileNotFoundError(
-                    f"no split list for split {name!r}: pass split_files={{{name!r}: path}} or put "
-                    f"{_SPLIT_FILES[name]} in {self.root}"
-                )
-            path = split_files[name]
-            if not path.is_file():
-                raise FileNotFoundError(f"split list for {name!r} not found: {path}")
-            for row in _read_patch_csv(path):
+            if name not in files:
+                raise missing_split_list_error(name, self.root)
+            path = files[name]
+            rows = read_split_rows(path)
+            for row in rows:
                 s2_name = row[0]
                 if s2_name not in pairs:
+                    absent = sum(r[0] not in pairs for r in rows)
                     raise BigEarthNetDataError(
-                        f"patch {s2_name} (listed in {path}) has no labels metadata under {self.root}"
+                        f"patch {s2_name} (listed in {path}) has no labels metadata under {self.root} ({absent} of "
+                        f"its {len(rows)} patches are absent; for a subset of BigEarthNet use split 'all': each "
+                        f"patch's split is still read from the lists)"
                     )
                 if len(row) > 1 and pairs[s2_name][0] is not None and row[1] != pairs[s2_name][0]:
                     raise BigEarthNetDataError(
@@ -622,49 +674,48 @@ class BigEarthNetV1(_BigEarthNetBase):
         return selected
 
     def _snow_cloud_patches(self) -> set[str]:
-        excluded = set()
-        found = False
-        for file_name in _SNOW_CLOUD_FILES:
-            path = self.root / file_name
-            if path.is_file():
-                found = True
-                excluded.update(row[0] for row in _read_patch_csv(path))
-        if not found:
-            warnings.warn(f"drop_snow_cloud=True but none of {list(_SNOW_CLOUD_FILES)} is in {self.root}", stacklevel=3)
-        return excluded
+        paths = [path for path in (find_list_file(self.root, name) for name in SNOW_CLOUD_LISTS) if path]
+        if not paths:
+            warnings.warn(f"drop_snow_cloud=True but none of {list(SNOW_CLOUD_LISTS)} is in {self.root}", stacklevel=3)
+        return {row[0] for path in paths for row in read_split_rows(path)}
 
     def _band_path(self, index: int, modality: str, band: str) -> Path:
         if modality == "s2":
             name = self.ids[index]
             return self.s2_dir / name / f"{name}_{band}.tif"
-        name = self._s1_names[index]
+        name = self.s1_names[index]
         if name is None:
             raise BigEarthNetDataError(f"patch {self.ids[index]}: no Sentinel-1 patch is paired with it")
         return self.s1_dir / name / f"{name}_{band}.tif"
 
-    def _source_name(self, index: int, modality: str) -> str:
-        return f"patch {self.ids[index]} ({modality})"
+    def _read_sample_bands(self, index: int) -> dict[str, tuple[dict[str, np.ndarray], dict[str, float]]]:
+        reference: list[RasterInfo] = []  # the sample's first band file: every other must share its grid
+        return {m: self._read_band_files(index, m, reference) for m in self.modalities}
 
-    def _read_bands(self, index: int, modality: str) -> Mapping[str, np.ndarray]:
-        import rasterio
-        from rasterio.errors import RasterioError
+    def read_bands_and_nodata(self, index: int, modality: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        return self._read_band_files(index, modality, [])
 
-        arrays = {}
+    def _read_band_files(self, index: int, modality: str, reference: list[RasterInfo]):
+        arrays, nodata = {}, {}
+        patch = self.ids[index]
         for band in self.bands[modality]:
             path = self._band_path(index, modality, band)
             if not path.is_file():
-                raise BigEarthNetDataError(f"patch {self.ids[index]}: band file missing: {path}")
+                raise DataFileError(f"patch {patch}: band file missing: {path}")
             try:
-                with rasterio.open(path) as source:
-                    arrays[band] = source.read(1)
-            except RasterioError as error:
-                raise BigEarthNetDataError(
-                    f"patch {self.ids[index]}: corrupt or unreadable GeoTIFF {path} ({error})"
-                ) from None
+                array, info = read_raster(path, [1])
+                if reference:
+                    check_same_grid(info, reference[0], allow_resample=True)
+                else:
+                    reference.append(info)
+            except DataFileError as error:
+                raise DataFileError(f"patch {patch}: {error}") from None
+            arrays[band] = array[0]
+            if info.nodata is not None:
+                nodata[band] = float(info.nodata)
             # the generic shape error would name the band; name the file instead, that is what the user must fix
             native = native_size_px(band)
             if arrays[band].shape not in {(native, native), (PATCH_SIZE_PX, PATCH_SIZE_PX)}:
-                raise BigEarthNetDataError(
-                    f"patch {self.ids[index]}: {path} has size {arrays[band].shape}, expected ({native}, {native})"
-                )
-        return arrays
+                raise DataFileError(f"patch {patch}: {path} has size {arrays[band].shape}, expected "
+                                    f"({native}, {native})")
+        return arrays, nodata

@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from mmfuse_fast.errors import ConfigError, DataError, DataFileError
+from mmfuse_fast.errors import DataError, DataFileError
 
-from .bigearthnet import SkipBadSamples, canonical_split, resolve_splits
+from .base import BandDataset, read_stats_csv, resolve_stats
+from .splits import SPLIT_FILE_NAMES, find_split_files, read_split_list, select_split
 
 __all__ = ["DataFileError", "RasterInfo", "read_raster", "raster_info", "resample", "check_same_grid",
-           "RasterDataset", "default_band_names", "read_stats_csv"]
+           "RasterDataset", "default_band_names", "read_stats_csv", "nan_nodata", "select_split", "read_split_list",
+           "SPLIT_FILE_NAMES", "find_split_files"]
 
 
 @dataclass
@@ -128,32 +129,15 @@ def resample(array: np.ndarray, shape: tuple[int, int], mode: str = "bilinear") 
     return F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=False)[0].numpy()
 
 
-def read_stats_csv(path: str | os.PathLike, band_names: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """Per-band (mean, std) from a CSV with `mean` and `std` columns and a band column (name or 1-based number)."""
-    import pandas as pd
-
-    table = pd.read_csv(path)
-    cols = {c.lower(): c for c in table.columns}
-    if "mean" not in cols or "std" not in cols:
-        raise DataFileError(f"{path}: needs 'mean' and 'std' columns, has {list(table.columns)}")
-    band_col = next((cols[c] for c in ("band", "band_name", "band_number", "name") if c in cols), None)
-    out = {}
-    for row_index, row in table.iterrows():
-        key = row[band_col] if band_col is not None else row_index + 1
-        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
-            key = band_names[int(key) - 1]
-        out[str(key)] = (float(row[cols["mean"]]), float(row[cols["std"]]))
-    return out
-
-
-class RasterDataset(SkipBadSamples, Dataset):
+class RasterDataset(BandDataset):
     """Base of the GeoTIFF/packed readers: band selection by name, normalization, nodata, skip-on-error.
 
-    Subclasses set `ids`, `split_of`, `modalities`, `available_bands` ({m: all band names in file order}),
-    `task` ("scene" | "segmentation"), `num_classes`, `classes`, `ignore_index`, and implement
-    `read_raw(index) -> {m: float32 (C, H, W) with NaN at nodata, "label": int64 () or (H, W)}` for the selected
-    bands `self.bands`. `stats`: {m: {band: (mean, std)}}; bands without statistics get them computed from up to
-    `STATS_SAMPLES` samples spread over the dataset (`compute_stats`).
+    Subclasses set `ids`, `split_of`, `available_bands` ({m: all band names in file order}), `task` ("scene" |
+    "segmentation"), `num_classes`, `classes`, `ignore_index`, and implement `read_raw(index) -> {m: float32
+    (C, H, W) with NaN at nodata, "label": int64 () or (H, W)}` for the selected bands `self.bands`. `stats`:
+    {m: {band: (mean, std)} or CSV path}; bands without statistics get them computed from up to `STATS_SAMPLES`
+    samples spread over the dataset (`compute_stats`), except those of a modality given a CSV, which must cover
+    them.
     """
 
     STATS_SAMPLES = 32
@@ -161,36 +145,11 @@ class RasterDataset(SkipBadSamples, Dataset):
     _all_bad_error = DataFileError
 
     def _setup(self, modalities, bands, normalize, stats, on_error):
-        self.check_on_error(on_error)
-        if isinstance(modalities, str):
-            modalities = (modalities,)
-        modalities = tuple(modalities)
-        root = getattr(self, "root", "?")
-        for m in modalities:
-            if m not in self.available_bands:
-                raise DataError(f"unknown modality {m!r}: the dataset at {root} has {sorted(self.available_bands)}")
-        if not modalities or len(set(modalities)) != len(modalities):
-            raise ConfigError(f"modalities must be a non-empty list of distinct names; got {list(modalities)}")
-        self.modalities = modalities
-        self.bands = {}
-        for m in modalities:
-            names = tuple((bands or {}).get(m, self.available_bands[m]))
-            unknown = [b for b in names if b not in self.available_bands[m]]
-            if unknown:
-                raise DataError(f"modality {m!r} of the dataset at {root} has no bands {unknown}; its bands: "
-                                f"{list(self.available_bands[m])}")
-            if not names or len(set(names)) != len(names):
-                raise ConfigError(f"bad band selection for modality {m!r}: {list(names)} (empty or a band twice)")
-            self.bands[m] = names
-        extra = sorted(set(bands or {}) - set(modalities))
-        if extra:
-            raise ConfigError(f"bands given for modalities {extra}, which are not among {list(modalities)}")
-        self.normalize = bool(normalize)
-        self.on_error = on_error
-        self.skipped = 0
-        self._bad_indices: set[int] = set()
-        self.stats = {m: dict((stats or {}).get(m, {})) for m in modalities}
+        self.select_bands(modalities, self.available_bands, bands, normalize, on_error)
+        given = resolve_stats(stats, self.available_bands, self.bands)
+        self.stats = {m: dict(given.get(m, {})) for m in self.modalities}
         self._mean_std = None
+        self.track_skipped()
 
     # -- normalization -------------------------------------------------------------------------------------------
 
@@ -201,12 +160,7 @@ class RasterDataset(SkipBadSamples, Dataset):
             for m, names in missing.items():
                 for b in names:
                     self.stats[m][b] = computed[m][b]
-        self._mean_std = {}
-        for m in self.modalities:
-            mean = np.array([self.stats[m][b][0] for b in self.bands[m]], np.float32).reshape(-1, 1, 1)
-            std = np.array([self.stats[m][b][1] for b in self.bands[m]], np.float32).reshape(-1, 1, 1)
-            std = np.where(std > 0, std, 1.0).astype(np.float32)
-            self._mean_std[m] = (mean, std)
+        self.set_mean_std(self.stats, constant_ok=True)
 
     def normalization_stats(self) -> dict[str, dict[str, tuple[float, float]]] | None:
         """{modality: {band: (mean, std)}} the samples are normalized with (computed now if missing); None
@@ -263,9 +217,6 @@ class RasterDataset(SkipBadSamples, Dataset):
     def read_raw(self, index: int) -> dict:
         raise NotImplementedError
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def _load_sample(self, index: int) -> dict:
         raw = self.read_raw(index)
         return self.finish(raw, self.ids[index])
@@ -276,11 +227,9 @@ class RasterDataset(SkipBadSamples, Dataset):
             self._ensure_stats()
         sample = {}
         for m in self.modalities:
-            x = np.asarray(raw[m], dtype=np.float32)
+            x = np.array(raw[m], dtype=np.float32)  # a copy: normalized in place
             if self.normalize:
-                mean, std = self._mean_std[m]
-                x = (x - mean) / std
-            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if self.normalize else x
+                x = np.nan_to_num(self.normalize_in_place(x, m), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
             sample[m] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         sample["label"] = torch.as_tensor(np.asarray(raw["label"]), dtype=torch.int64)
         sample["id"] = sample_id
@@ -307,66 +256,3 @@ def nan_nodata(array: np.ndarray, nodata: float | None) -> np.ndarray:
     if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
         out[array == nodata] = np.nan
     return out
-
-
-def split_entry_stem(cell: str) -> str:
-    return Path(cell.strip()).name.rsplit(".", 1)[0] if cell.strip().lower().endswith((".tif", ".tiff")) \
-        else Path(cell.strip()).name
-
-
-def read_split_list(path: Path) -> list[str]:
-    """Names in a split list (txt or csv; first column; an optional header is skipped), as file stems."""
-    import csv
-
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and row[0].strip()]
-    if rows and rows[0][0].strip().lower() in {"image", "name", "id", "file", "filename", "tile", "patch",
-                                                "patch_id", "sample", "s2"}:
-        rows = rows[1:]
-    return [split_entry_stem(row[0]) for row in rows]
-
-
-SPLIT_FILE_NAMES = {"train": ("train_files.csv", "train.csv", "train.txt"),
-                    "validation": ("validation_files.csv", "val_files.csv", "validation.csv", "val.csv",
-                                   "validation.txt", "val.txt"),
-                    "test": ("test_files.csv", "test.csv", "test.txt")}
-
-
-def resolve_split_files(root: Path, split_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
-    found = {}
-    for name, path in (split_files or {}).items():
-        found[canonical_split(name, "in split_files")] = Path(path)
-    for name, candidates in SPLIT_FILE_NAMES.items():
-        if name not in found:
-            for candidate in candidates:
-                if (root / candidate).is_file():
-                    found[name] = root / candidate
-                    break
-    return found
-
-
-def select_split(ids: Sequence[str], root: Path, split, split_files, key=None) -> tuple[list[str], dict[str, str | None]]:
-    """(selected ids, id -> split name or None). split None: every id; else the ids its split lists name."""
-    names = None if split is None else resolve_splits(split, root)
-    files = resolve_split_files(root, split_files)
-    split_of: dict[str, str | None] = {}
-    for name, path in files.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"split list for {name!r} not found: {path}")
-        for stem in read_split_list(path):
-            split_of.setdefault(key(stem) if key else stem, name)
-    known = set(ids)
-    if names is None:
-        return list(ids), {i: split_of.get(i) for i in ids}
-    selected = []
-    for name in names:
-        if name not in files:
-            raise FileNotFoundError(f"no split list for split {name!r} in {root} (looked for "
-                                    f"{list(SPLIT_FILE_NAMES[name])}); pass split_files={{{name!r}: path}}")
-        for stem in read_split_list(files[name]):
-            stem = key(stem) if key else stem
-            if stem not in known:
-                raise DataFileError(f"sample {stem} (listed in {files[name]}) has no files under {root}")
-            if stem not in selected:
-                selected.append(stem)
-    return selected, {i: split_of.get(i) for i in selected}

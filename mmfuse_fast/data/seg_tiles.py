@@ -24,7 +24,7 @@ import numpy as np
 from mmfuse_fast.errors import ConfigError
 
 from .geotiff import (DataFileError, RasterDataset, check_same_grid, default_band_names, nan_nodata, raster_info,
-                      read_raster, read_stats_csv, resample, select_split)
+                      read_raster, resample, select_split)
 
 _SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
 
@@ -41,59 +41,39 @@ class SegmentationTiles(RasterDataset):
     task = "segmentation"
 
     def __init__(self, root: str | os.PathLike, split: str | Sequence[str] | None = None,
-                 modalities: Mapping[str, str] | Sequence[str] | None = None, label_dir: str = "labels",
-                 normalize: bool = True, bands: Mapping[str, Sequence[str]] | None = None,
-                 stats: Mapping[str, Mapping[str, tuple[float, float]] | str] | None = None,
-                 num_classes: int | None = None, ignore_index: int = 255, reduce_zero_label: bool = False,
-                 class_names: Sequence[str] | None = None, split_files: Mapping[str, str] | None = None,
-                 band_names: Mapping[str, Sequence[str]] | None = None, on_error: str = "raise"):
+                 modalities: Mapping[str, str] | Sequence[str] | None = None,
+                 bands: Mapping[str, Sequence[str]] | None = None, normalize: bool = True,
+                 stats: Mapping[str, Mapping[str, tuple[float, float]] | str] | None = None, on_error: str = "raise",
+                 label_dir: str = "labels", num_classes: int | None = None, ignore_index: int = 255,
+                 reduce_zero_label: bool = False, class_names: Sequence[str] | None = None,
+                 split_files: Mapping[str, str] | None = None, band_names: Mapping[str, Sequence[str]] | None = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"segmentation tiles root not found: {self.root}")
         self.label_dir = self.root / label_dir
-        if not self.label_dir.is_dir():
-            raise FileNotFoundError(f"label folder not found: {self.label_dir}")
-        if modalities is None:
-            modalities = [p.name for p in sorted(self.root.iterdir()) if p.is_dir() and p.name != label_dir
-                          and not p.name.startswith(".") and any(p.glob("*.tif*"))]
-        self.folders = dict(modalities) if isinstance(modalities, Mapping) else {m: m for m in modalities}
-        if not self.folders:
-            raise FileNotFoundError(f"no modality folders under {self.root} besides {label_dir}/")
-        for m, folder in self.folders.items():
-            if not (self.root / folder).is_dir():
-                raise FileNotFoundError(f"folder of modality {m!r} not found: {self.root / folder}")
-        self._labels = {p.stem: p for p in sorted(self.label_dir.iterdir()) if p.suffix in _SUFFIXES}
-        if not self._labels:
-            raise FileNotFoundError(f"no label tiles (.tif) in {self.label_dir}")
+        self.folders = tile_folders(self.root, modalities, label_dir)
+        self._labels = label_tiles(self.label_dir)
         self.ids, self.split_of = select_split(sorted(self._labels), self.root, split, split_files)
         self.ignore_index, self.reduce_zero_label = int(ignore_index), bool(reduce_zero_label)
-
-        first = sorted(self._labels)[0]
-        self.available_bands = {}
-        for m in self.folders:
-            info = raster_info(self.modality_path(first, m))
-            names = tuple((band_names or {}).get(m, default_band_names(info)))
-            if len(names) != info.count:
-                raise ConfigError(f"band_names for {m!r} lists {len(names)} names, {info.path} has {info.count} bands")
-            self.available_bands[m] = names
+        self.available_bands = tile_band_names(self.root, self.folders, min(self._labels), band_names)
         self._band_count = {m: len(b) for m, b in self.available_bands.items()}
         if num_classes is None:
             num_classes = self._scan_num_classes()
         self.num_classes = int(num_classes)
         self.classes = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(self.num_classes))
-        stats = dict(stats or {})
-        for m, value in list(stats.items()):
-            if isinstance(value, (str, os.PathLike)):
-                stats[m] = read_stats_csv(value, self.available_bands[m])
         self._setup(list(self.folders), bands, normalize, stats, on_error)
         self.fill_missing_stats(sorted(self._labels))
 
+    @staticmethod
+    def declared_bands(root: str | os.PathLike, modalities: Mapping[str, str] | Sequence[str] | None = None,
+                       label_dir: str = "labels", band_names: Mapping[str, Sequence[str]] | None = None
+                       ) -> dict[str, tuple[str, ...]]:
+        """{modality: band names} the tiles under `root` declare (the first tile's band descriptions, else
+        B1..Bn), read from one file per modality, without building the dataset."""
+        root = Path(root)
+        folders = tile_folders(root, modalities, label_dir)
+        return tile_band_names(root, folders, min(label_tiles(root / label_dir)), band_names)
+
     def modality_path(self, sample_id: str, modality: str) -> Path:
-        folder = self.root / self.folders[modality]
-        for suffix in _SUFFIXES:
-            if (folder / f"{sample_id}{suffix}").is_file():
-                return folder / f"{sample_id}{suffix}"
-        raise DataFileError(f"tile {sample_id}: {modality} file missing: {folder / (sample_id + '.tif')}")
+        return tile_path(self.root / self.folders[modality], sample_id, modality)
 
     def _scan_num_classes(self) -> int:
         top = 0
@@ -148,3 +128,50 @@ class SegmentationTiles(RasterDataset):
         label[invalid] = self.ignore_index
         out["label"] = label
         return out
+
+
+def tile_folders(root: Path, modalities: Mapping[str, str] | Sequence[str] | None, label_dir: str) -> dict[str, str]:
+    """{modality: folder}: as given (a mapping, or folder names that are also the modality names), or every
+    folder holding .tif files but the label folder."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"segmentation tiles root not found: {root}")
+    if not (root / label_dir).is_dir():
+        raise FileNotFoundError(f"label folder not found: {root / label_dir}")
+    if modalities is None:
+        modalities = [p.name for p in sorted(root.iterdir()) if p.is_dir() and p.name != label_dir
+                      and not p.name.startswith(".") and any(p.glob("*.tif*"))]
+    folders = dict(modalities) if isinstance(modalities, Mapping) else {m: m for m in modalities}
+    if not folders:
+        raise FileNotFoundError(f"no modality folders under {root} besides {label_dir}/")
+    for m, folder in folders.items():
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(f"folder of modality {m!r} not found: {root / folder}")
+    return folders
+
+
+def label_tiles(label_dir: Path) -> dict[str, Path]:
+    """{tile name: label file}."""
+    tiles = {p.stem: p for p in sorted(label_dir.iterdir()) if p.suffix in _SUFFIXES}
+    if not tiles:
+        raise FileNotFoundError(f"no label tiles (.tif) in {label_dir}")
+    return tiles
+
+
+def tile_path(folder: Path, sample_id: str, modality: str) -> Path:
+    for suffix in _SUFFIXES:
+        if (folder / f"{sample_id}{suffix}").is_file():
+            return folder / f"{sample_id}{suffix}"
+    raise DataFileError(f"tile {sample_id}: {modality} file missing: {folder / (sample_id + '.tif')}")
+
+
+def tile_band_names(root: Path, folders: Mapping[str, str], first_tile: str,
+                    band_names: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    """{modality: band names}: `band_names` where given, else those the first tile declares."""
+    declared = {}
+    for m, folder in folders.items():
+        info = raster_info(tile_path(root / folder, first_tile, m))
+        names = tuple((band_names or {}).get(m, default_band_names(info)))
+        if len(names) != info.count:
+            raise ConfigError(f"band_names for {m!r} lists {len(names)} names, {info.path} has {info.count} bands")
+        declared[m] = names
+    return declared

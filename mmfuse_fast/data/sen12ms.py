@@ -59,17 +59,16 @@ def simplified_igbp(igbp: np.ndarray, path) -> np.ndarray:
 
 class SEN12MS(RasterDataset):
     """SEN12MS scene classification: `ds[i]` -> {"s1": (2,256,256), "s2": (13,256,256), "label": int64 (),
-    "id": str}. `bands` selects/reorders by name; `stats` {m: {band: (mean, std)}} (default: computed from up to 32
-    patches spread over everything found under root, so every split normalizes alike)."""
+    "id": str}. `bands` selects/reorders by name; `stats` {m: {band: (mean, std)} or CSV path} (default: computed
+    from up to 32 patches spread over everything found under root, so every split normalizes alike)."""
 
     task = "scene"
 
     def __init__(self, root: str | os.PathLike, split: str | Sequence[str] | None = None,
-                 modalities: Sequence[str] = ("s1", "s2"), normalize: bool = True,
-                 bands: Mapping[str, Sequence[str]] | None = None,
-                 stats: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
-                 seasons: Sequence[str] | None = None, split_files: Mapping[str, str] | None = None,
-                 on_error: str = "raise"):
+                 modalities: Sequence[str] = ("s1", "s2"), bands: Mapping[str, Sequence[str]] | None = None,
+                 normalize: bool = True, stats: Mapping[str, Mapping[str, tuple[float, float]] | str] | None = None,
+                 on_error: str = "raise", seasons: Sequence[str] | None = None,
+                 split_files: Mapping[str, str] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"SEN12MS root not found: {self.root}")

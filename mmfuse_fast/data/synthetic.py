@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfuse_fast.config import S1_BANDS, S2_BANDS
-
-from .bands import native_size_px
+from .bands import S1_BANDS, S2_BANDS, native_size_px
 
 __all__ = ["write_tif", "write_bigearthnet_v1", "write_sen12ms", "write_seg_tiles"]
 

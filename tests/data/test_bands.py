@@ -2,19 +2,14 @@ import numpy as np
 import pytest
 
 from mmfuse_fast import config
-from mmfuse_fast.data.bands import (
-    BAND_RESOLUTION_M,
-    BAND_STATS,
-    MODALITY_BANDS,
-    band_mean_std,
-    native_size_px,
-    resolve_bands,
-    resolve_modalities,
-)
+from mmfuse_fast.data.bands import BAND_RESOLUTION_M, BAND_STATS, MODALITY_BANDS, S1_BANDS, S2_BANDS, native_size_px
+from mmfuse_fast.data.base import BandDataset
+from mmfuse_fast.errors import ConfigError, DataError
 
 
 def test_band_tables_are_complete_and_consistent():
-    assert MODALITY_BANDS == {"s1": config.S1_BANDS, "s2": config.S2_BANDS}
+    assert MODALITY_BANDS == {"s1": S1_BANDS, "s2": S2_BANDS}
+    assert (S1_BANDS, S2_BANDS) == (config.S1_BANDS, config.S2_BANDS)  # the model defaults name the same bands
     assert "B10" not in MODALITY_BANDS["s2"] and len(MODALITY_BANDS["s2"]) == 12
     for modality, names in MODALITY_BANDS.items():
         assert set(BAND_STATS[modality]) == set(names)
@@ -24,17 +19,37 @@ def test_band_tables_are_complete_and_consistent():
     assert (native_size_px("B02"), native_size_px("B05"), native_size_px("B01")) == (120, 60, 20)
 
 
-def test_resolve_and_stats_by_name():
-    assert resolve_bands(("s1", "s2"), {"s2": ["B04", "B02"]}) == {"s1": ("VV", "VH"), "s2": ("B04", "B02")}
-    mean, std = band_mean_std("s2", ("B04", "B02"), {"B02": (1.0, 2.0)})
-    assert mean.shape == (2, 1, 1) and mean.dtype == np.float32
-    assert mean[1, 0, 0] == 1.0 and std[1, 0, 0] == 2.0 and mean[0, 0, 0] == np.float32(BAND_STATS["s2"]["B04"][0])
-    with pytest.raises(ValueError, match="unknown band 'B10'"):
-        resolve_bands(("s2",), {"s2": ["B10"]})
-    with pytest.raises(ValueError, match="listed twice"):
-        resolve_bands(("s1",), {"s1": ["VV", "VV"]})
-    with pytest.raises(ValueError, match="not among the requested"):
-        resolve_bands(("s1",), {"s2": ["B02"]})
-    with pytest.raises(ValueError, match="unknown modality 'rgb'"):
-        resolve_modalities(["rgb"])
-    assert resolve_modalities("s2") == ("s2",)
+def selection(modalities, bands=None):
+    dataset = BandDataset()
+    dataset.select_bands(modalities, MODALITY_BANDS, bands, normalize=True, on_error="raise")
+    return dataset
+
+
+def test_select_bands_by_name_and_normalize():
+    dataset = selection(("s1", "s2"), {"s2": ["B04", "B02"]})
+    assert dataset.bands == {"s1": ("VV", "VH"), "s2": ("B04", "B02")}
+    assert selection(("s2",), {"s2": []}).bands["s2"] == S2_BANDS  # no band listed: every band the data declares
+    assert selection("s1").modalities == ("s1",)
+    dataset.set_mean_std({"s1": BAND_STATS["s1"], "s2": {"B04": (1.0, 2.0), "B02": (3.0, 4.0)}})
+    image = np.ones((2, 3, 3), np.float32)
+    assert np.allclose(dataset.normalize_in_place(image, "s2")[:, 0, 0], [0.0, -0.5])
+    with pytest.raises(DataError, match="non-positive std.*B02"):
+        dataset.set_mean_std({"s1": BAND_STATS["s1"], "s2": {"B04": (1.0, 2.0), "B02": (3.0, 0.0)}})
+
+
+@pytest.mark.parametrize("modalities, bands, error, message", [
+    (("s2",), {"s2": ["B10"]}, DataError, "unknown band 'B10'"),
+    (("s1",), {"s1": ["VV", "VV"]}, ConfigError, "listed twice"),
+    (("s1",), {"s2": ["B02"]}, ConfigError, "not among the requested"),
+    (("rgb",), None, DataError, "unknown modality 'rgb'"),
+    ((), None, ConfigError, "no modality requested"),
+    (("s1", "s1"), None, ConfigError, "modality listed twice"),
+])
+def test_bad_band_selection_names_it(modalities, bands, error, message):
+    with pytest.raises(error, match=message):
+        selection(modalities, bands)
+
+
+def test_on_error_is_checked():
+    with pytest.raises(ConfigError, match="on_error"):
+        BandDataset().select_bands(("s1",), MODALITY_BANDS, None, normalize=True, on_error="ignore")

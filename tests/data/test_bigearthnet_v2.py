@@ -136,7 +136,7 @@ def test_compute_band_stats(ben_v2_root):
         assert stats[band][1] == pytest.approx(stacked[:, channel].std(unbiased=False).item(), rel=1e-6)
     with pytest.raises(ValueError, match="normalize=False"):
         compute_band_stats(BigEarthNetV2(ben_v2_root, split="train"), "s1")
-    restandardized = BigEarthNetV2(ben_v2_root, split="train", modalities=["s1"], band_stats={"s1": stats})
+    restandardized = BigEarthNetV2(ben_v2_root, split="train", modalities=["s1"], stats={"s1": stats})
     values = torch.stack([restandardized[i]["s1"] for i in range(len(ds))]).double()
     assert values.mean().abs() < 1e-4 and (values.std() - 1).abs() < 1e-3
 
