@@ -1,7 +1,12 @@
-"""Fetch the 24-patch real BigEarthNet v2 sample that ships inside the PyPI wheel `configilm==0.7.1`.
+"""Fetch the real BigEarthNet samples that ship inside PyPI wheels.
 
-The wheel is downloaded with pip (no dependencies, binary only), its sha256 is checked before anything is read
-from it, and only the sample files are extracted. configilm itself is never installed or imported.
+- v2: the 24-patch sample (LMDB + metadata parquet) inside `configilm==0.7.1`.
+- v1: the six S1 + S2 example patches (two tar.bz2 archives) and the official split and snow/cloud lists
+  (`.csv.bz2`) inside `bigearthnet-common==2.8.0`, extracted as a BigEarthNet v1 user would have them on disk.
+
+A wheel is downloaded with pip (no dependencies, binary only), its sha256 is checked before anything is read from
+it, and only the sample files are extracted, into a staging folder renamed into place. The packages themselves are
+never installed or imported.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -29,6 +35,14 @@ SAMPLE_FILES = (
 )
 SAMPLE_DIR_NAME = "bigearthnet-v2-sample"
 ROOT_ENV_VAR = "MMFUSE_BEN_V2_ROOT"
+
+V1_WHEEL_REQUIREMENT = "bigearthnet-common==2.8.0"
+V1_WHEEL_SHA256 = "6c2bcf2b1d39a3f48925b0d941557152f9e523576fbb9d2b881a842ed92fd6af"
+V1_WHEEL_PREFIX = "bigearthnet_common/"
+V1_ARCHIVES = ("BigEarthNet-S1-Example.tar.bz2", "BigEarthNet-S2-Example.tar.bz2")
+V1_LISTS = ("train.csv.bz2", "val.csv.bz2", "test.csv.bz2", "patches_with_cloud_and_shadow.csv.bz2",
+            "patches_with_seasonal_snow.csv.bz2")
+V1_EXAMPLE_DIR_NAME = "bigearthnet-v1-example"
 CACHE_ENV_VAR = "MMFUSE_CACHE"
 
 
@@ -44,25 +58,26 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_wheel(dest_dir: Path) -> Path:
-    """Download the configilm wheel into `dest_dir` with pip and return its path."""
+def download_wheel(dest_dir: Path, requirement: str = WHEEL_REQUIREMENT) -> Path:
+    """Download the wheel of `requirement` (default: the configilm one) into `dest_dir` with pip; returns its path."""
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        WHEEL_REQUIREMENT, "-d", str(dest_dir),
+        requirement, "-d", str(dest_dir),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise FetchError(f"`{' '.join(command)}` failed (exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
-    wheels = sorted(Path(dest_dir).glob("configilm-*.whl"))
+    distribution = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(Path(dest_dir).glob(f"{distribution}-*.whl"))
     if len(wheels) != 1:
-        raise FetchError(f"expected one configilm wheel in {dest_dir} after pip download, found {wheels}")
+        raise FetchError(f"expected one {distribution} wheel in {dest_dir} after pip download, found {wheels}")
     return wheels[0]
 
 
-def extract_sample(wheel: Path, target: Path, expected_sha256: str | None = None) -> Path:
-    """Verify `wheel` (against `WHEEL_SHA256` by default) and extract the sample into `target` atomically
-    (a temp dir renamed into place)."""
-    expected_sha256 = expected_sha256 or WHEEL_SHA256
+def _extract_verified(wheel: Path, target: Path, expected_sha256: str, fill: Callable[[zipfile.ZipFile, Path], None],
+                      is_complete: Callable[[Path], bool]) -> Path:
+    """Checks `wheel`'s sha256, lets `fill(archive, staging)` write the sample into a staging folder beside
+    `target`, and renames it into place: a folder at `target` is always a complete, verified one."""
     actual = sha256_of(wheel)
     if actual != expected_sha256:
         raise FetchError(f"sha256 mismatch for {wheel}: expected {expected_sha256}, got {actual}; nothing extracted")
@@ -70,24 +85,34 @@ def extract_sample(wheel: Path, target: Path, expected_sha256: str | None = None
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with zipfile.ZipFile(wheel) as archive:
-            members = set(archive.namelist())
-            for relative in SAMPLE_FILES:
-                member = WHEEL_SAMPLE_PREFIX + relative
-                if member not in members:
-                    raise FetchError(f"{wheel} has no member {member}")
-                destination = staging / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(member) as source, open(destination, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
+            fill(archive, staging)
         try:
             os.rename(staging, target)
         except OSError:
-            if not is_complete_sample(target):  # another process finished first: keep its copy
+            if not is_complete(target):  # another process finished first: keep its copy
                 raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _copy_member(archive: zipfile.ZipFile, member: str, destination: Path) -> None:
+    if member not in archive.namelist():
+        raise FetchError(f"{archive.filename} has no member {member}")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with archive.open(member) as source, open(destination, "wb") as sink:
+        shutil.copyfileobj(source, sink)
+
+
+def extract_sample(wheel: Path, target: Path, expected_sha256: str | None = None) -> Path:
+    """Verify `wheel` (against `WHEEL_SHA256` by default) and extract the v2 sample into `target` atomically."""
+
+    def fill(archive: zipfile.ZipFile, staging: Path) -> None:
+        for relative in SAMPLE_FILES:
+            _copy_member(archive, WHEEL_SAMPLE_PREFIX + relative, staging / relative)
+
+    return _extract_verified(wheel, target, expected_sha256 or WHEEL_SHA256, fill, is_complete_sample)
 
 
 def is_complete_sample(root: Path) -> bool:
@@ -132,3 +157,39 @@ def fetch_bigearthnet_v2_sample(
     with tempfile.TemporaryDirectory(prefix="mmfuse-wheel-", dir=target.parent) as download_dir:
         wheel = download(Path(download_dir))
         return extract_sample(wheel, target)
+
+
+def is_complete_v1_example(root: Path) -> bool:
+    return all((root / name).is_file() for name in V1_LISTS) and all(
+        (root / archive.removesuffix(".tar.bz2")).is_dir() for archive in V1_ARCHIVES)
+
+
+def extract_v1_example(wheel: Path, target: Path, expected_sha256: str | None = None) -> Path:
+    """Verify the bigearthnet-common `wheel` and unpack its S1 and S2 example archives and lists into `target`."""
+
+    def fill(archive: zipfile.ZipFile, staging: Path) -> None:
+        for name in V1_LISTS:
+            _copy_member(archive, V1_WHEEL_PREFIX + name, staging / name)
+        for name in V1_ARCHIVES:
+            _copy_member(archive, V1_WHEEL_PREFIX + name, staging / name)
+            with tarfile.open(staging / name) as tar:
+                tar.extractall(staging, filter="data")
+            (staging / name).unlink()
+
+    return _extract_verified(wheel, target, expected_sha256 or V1_WHEEL_SHA256, fill, is_complete_v1_example)
+
+
+def fetch_bigearthnet_v1_example(cache_dir: str | os.PathLike | None = None,
+                                 download: Callable[[Path], Path] | None = None) -> Path:
+    """Root of the BigEarthNet v1 examples (for `BigEarthNetV1(root, split="all")`: six S1 + S2 patch pairs, with
+    the official `.csv.bz2` split and snow/cloud lists beside them), downloading them on first use into
+    `<cache_dir>/bigearthnet-v1-example/` (`cache_dir` as for the v2 sample)."""
+    target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / V1_EXAMPLE_DIR_NAME
+    if is_complete_v1_example(target):
+        return target
+    if target.exists():
+        raise FetchError(f"{target} exists but is incomplete; remove it and fetch again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmfuse-wheel-", dir=target.parent) as download_dir:
+        wheel = (download or (lambda d: download_wheel(d, V1_WHEEL_REQUIREMENT)))(Path(download_dir))
+        return extract_v1_example(wheel, target)

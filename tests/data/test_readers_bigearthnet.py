@@ -1,6 +1,5 @@
 """BigEarthNet readers against the archives as they are shipped, and against the faults real archives bring."""
 
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -11,7 +10,8 @@ import pytest
 import torch
 
 from mmfuse_fast.data import BIGEARTHNET_CLASSES, BigEarthNetV1, BigEarthNetV2
-from mmfuse_fast.errors import BigEarthNetDataError, DataError, DataFileError
+from mmfuse_fast.data.fetch import fetch_bigearthnet_v1_example
+from mmfuse_fast.errors import BigEarthNetDataError, DataError, DataFileError, FetchError
 
 pytest.importorskip("rasterio")
 from mmfuse_fast.data.synthetic import write_bigearthnet_v1, write_tif  # noqa: E402
@@ -27,23 +27,30 @@ EXAMPLE_LABELS = {  # 19-class labels of the six example patches, from their S1 
 }
 
 
+@pytest.fixture(scope="module")
+def example_source():
+    """The wheel's files: ../shared/data/bigearthnet-v1-example when present (archives and lists), else the
+    examples fetched from PyPI (bigearthnet-common's wheel, sha256-checked) into the cache, unpacked."""
+    if (SHARED_EXAMPLE / EXAMPLE_ARCHIVES[0]).is_file():
+        return SHARED_EXAMPLE
+    try:
+        return fetch_bigearthnet_v1_example()
+    except FetchError as error:
+        pytest.skip(f"BigEarthNet v1 examples not at {SHARED_EXAMPLE} and not fetchable: {error}")
+
+
 @pytest.fixture
-def example_root(tmp_path):
-    """The BigEarthNet v1 S1 + S2 examples as the `bigearthnet-common` wheel ships them (tar.bz2 archives and
-    .csv.bz2 lists), extracted under folder names of our own: ../shared/data/bigearthnet-v1-example when present
-    (the wheel's files), else the installed `bigearthnet_common` package."""
-    source = SHARED_EXAMPLE if (SHARED_EXAMPLE / EXAMPLE_ARCHIVES[0]).is_file() else None
-    if source is None:
-        spec = importlib.util.find_spec("bigearthnet_common")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip(f"BigEarthNet v1 examples found neither at {SHARED_EXAMPLE} nor in an installed "
-                        f"bigearthnet-common (pip download bigearthnet-common --no-deps)")
-        source = Path(list(spec.submodule_search_locations)[0])
+def example_root(tmp_path, example_source):
+    """The S1 + S2 examples and the official .csv.bz2 lists, under folder names of our own."""
     root = tmp_path / "downloads"
     for archive in EXAMPLE_ARCHIVES:
-        with tarfile.open(source / archive) as tar:
-            tar.extractall(root / "unpacked" / "v1", filter="data")
-    for listing in source.glob("*.csv.bz2"):
+        unpacked = example_source / archive.removesuffix(".tar.bz2")
+        if unpacked.is_dir():
+            shutil.copytree(unpacked, root / "unpacked" / "v1" / unpacked.name)
+        else:
+            with tarfile.open(example_source / archive) as tar:
+                tar.extractall(root / "unpacked" / "v1", filter="data")
+    for listing in example_source.glob("*.csv.bz2"):
         shutil.copy(listing, root / listing.name)
     return root
 
