@@ -148,15 +148,19 @@ def fetch_bigearthnet_v2_sample(
         if not (root / "metadata.parquet").is_file():
             raise FileNotFoundError(f"${ROOT_ENV_VAR}={override} has no metadata.parquet")
         return root
-    target = _cache_target(cache_dir)
-    if is_complete_sample(target):
+    return _fetch_once(_cache_target(cache_dir), is_complete_sample, download, extract_sample)
+
+
+def _fetch_once(target: Path, is_complete: Callable[[Path], bool], download: Callable[[Path], Path],
+                extract: Callable[[Path, Path], Path]) -> Path:
+    """`target` when it is complete, else the wheel downloaded beside it and extracted into it."""
+    if is_complete(target):
         return target
     if target.exists():
         raise FetchError(f"{target} exists but is incomplete; remove it and fetch again")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mmfuse-wheel-", dir=target.parent) as download_dir:
-        wheel = download(Path(download_dir))
-        return extract_sample(wheel, target)
+        return extract(download(Path(download_dir)), target)
 
 
 def is_complete_v1_example(root: Path) -> bool:
@@ -185,11 +189,6 @@ def fetch_bigearthnet_v1_example(cache_dir: str | os.PathLike | None = None,
     the official `.csv.bz2` split and snow/cloud lists beside them), downloading them on first use into
     `<cache_dir>/bigearthnet-v1-example/` (`cache_dir` as for the v2 sample)."""
     target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / V1_EXAMPLE_DIR_NAME
-    if is_complete_v1_example(target):
-        return target
-    if target.exists():
-        raise FetchError(f"{target} exists but is incomplete; remove it and fetch again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mmfuse-wheel-", dir=target.parent) as download_dir:
-        wheel = (download or (lambda d: download_wheel(d, V1_WHEEL_REQUIREMENT)))(Path(download_dir))
-        return extract_v1_example(wheel, target)
+    return _fetch_once(target, is_complete_v1_example,
+                       download or (lambda dest_dir: download_wheel(dest_dir, V1_WHEEL_REQUIREMENT)),
+                       extract_v1_example)
