@@ -3,21 +3,39 @@ backends: docs/architecture.md, "Ops and kernels")."""
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from mmfuse_fast.ops import _backend
 from mmfuse_fast.ops.reference import crop_resize_reference, random_boxes_reference
 
 
-def _check(images, boxes, size, box_index, values=True):
+def _output_size(size) -> tuple[int, int]:
+    """`size` as (h, w): two integers >= 1 (a float or a bool is refused rather than truncated)."""
+    message = f"crop_resize: size must be (h, w), two integers >= 1; got {size!r}"
+    try:
+        if len(size) != 2 or any(isinstance(s, bool) for s in size):
+            raise ValueError(message)
+        out_h, out_w = operator.index(size[0]), operator.index(size[1])
+    except TypeError:
+        raise ValueError(message) from None
+    if out_h < 1 or out_w < 1:
+        raise ValueError(message)
+    return out_h, out_w
+
+
+def _check(images, boxes, box_index, values=True):
     if images.dim() != 4:
         raise ValueError(f"crop_resize: images must be (N, C, H, W); got {tuple(images.shape)}")
     if images.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"crop_resize: images must be float32/float16/bfloat16/float64; got {images.dtype}")
+    if images.shape[2] < 1 or images.shape[3] < 1:
+        raise ValueError(f"crop_resize: images are empty (H={images.shape[2]}, W={images.shape[3]}); a crop needs "
+                         "at least one pixel")
     if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
         raise ValueError(f"crop_resize: boxes must be float (K, 4); got {boxes.dtype} {tuple(boxes.shape)}")
-    if len(size) != 2 or min(int(s) for s in size) < 1:
-        raise ValueError(f"crop_resize: size must be (h, w) with h, w >= 1; got {size}")
     for name, t in (("boxes", boxes), ("box_index", box_index)):
         if t is not None and t.device != images.device:
             raise ValueError(f"crop_resize: {name} is on {t.device} but images are on {images.device}")
@@ -39,6 +57,8 @@ def _check(images, boxes, size, box_index, values=True):
     if boxes.device.type == "cpu" and not torch.compiler.is_compiling():  # a traced step asserts like a GPU one
         if bad_box.any():
             k = int(bad_box.nonzero()[0])
+            if not all(math.isfinite(c) for c in boxes[k].tolist()):
+                raise ValueError(f"crop_resize: box {k} = {boxes[k].tolist()} is not finite")
             raise ValueError(f"crop_resize: box {k} = {boxes[k].tolist()} is not inside the {width}x{height} image "
                              "with x2 > x1 and y2 > y1")
         if bad_index is not None and bad_index.any():
@@ -63,8 +83,8 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torc
                    its fast path, the same as "auto"
     The model passes its `ops_backend` ("auto" | "triton" | "reference") here as it does to the other ops."""
     resolved = _backend.resolve(backend, images, "crop_resize")
-    _check(images, boxes, size, box_index, values=resolved == "reference")
-    out_h, out_w = int(size[0]), int(size[1])
+    out_h, out_w = _output_size(size)
+    _check(images, boxes, box_index, values=resolved == "reference")
     if resolved == "reference":
         return crop_resize_reference(images, boxes, (out_h, out_w), box_index)
     if box_index is None:
@@ -75,8 +95,12 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size, box_index: torc
 def random_boxes(n, height, width, scale=(0.4, 0.6), ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
     """(n, 4) float boxes inside a height x width image, area fraction in `scale`, width/height in `ratio`,
     sampled on `device` without a host synchronization."""
+    if n < 0:
+        raise ValueError(f"random_boxes: n must be >= 0; got {n}")
+    if height < 1 or width < 1:
+        raise ValueError(f"random_boxes: the image must have at least one pixel; got height={height}, width={width}")
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"random_boxes: scale must satisfy 0 < lo <= hi <= 1; got {scale}")
-    if not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"random_boxes: ratio must satisfy 0 < lo <= hi; got {ratio}")
+    if not (0 < ratio[0] <= ratio[1] < math.inf):
+        raise ValueError(f"random_boxes: ratio must satisfy 0 < lo <= hi < inf; got {ratio}")
     return random_boxes_reference(n, height, width, scale, ratio, generator, device)

@@ -167,11 +167,11 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 0, 16) and torch.equal(dk, torch.zeros_like(dk))
 
 
-def test_int64_used_and_overfull_counts():
+def test_int64_used_counts_at_and_below_capacity():
     gen = torch.Generator().manual_seed(5)
     segs = [7, 33]
     q, k, v, do = _inputs(2, 1, segs, segs, 16, torch.float32, gen)
-    used = torch.tensor([[9, 40], [3, 12]], dtype=torch.int64, device=DEVICE)  # > capacity = capacity
+    used = torch.tensor([[7, 33], [3, 0]], dtype=torch.int64, device=DEVICE)
     _compare(q, k, v, do, segs, segs, None, used, used)
 
 
