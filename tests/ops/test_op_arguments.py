@@ -5,6 +5,8 @@ empty batches give empty results, never NaN."""
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,6 +50,19 @@ def test_used_lengths_outside_zero_to_capacity_are_refused(backend, which, rows,
     expected = f"{which} must be in [0, capacity] per set; capacities [2, 3]; got {which}{shown}"
     with pytest.raises(ValueError, match=re.escape(expected)):
         modality_attention(q, k, v, SEGMENTS, SEGMENTS, **{which: _used(rows)}, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_used_lengths_outside_capacity_fail_the_cuda_stream(backend):
+    """In a separate process: a device assert leaves the CUDA context unusable."""
+    code = ("import torch\nfrom mmfuse_fast.ops import modality_attention\n"
+            "q = torch.randn(1, 1, 5, 16, device='cuda')\n"
+            "used = torch.tensor([[3, 3]], dtype=torch.int32, device='cuda')\n"
+            f"modality_attention(q, q, q, [2, 3], [2, 3], kv_used=used, backend={backend!r})\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
