@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,57 @@ def require(condition: bool, key: str, message: str) -> None:
 
 def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def require_finite(section, prefix: str) -> None:
+    """Refuses NaN and infinity in every float field (and float list) of the dataclass `section`, whose keys are
+    named `prefix + field`: no range check below can see a NaN (every comparison with it is false)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        require(all(math.isfinite(v) for v in items if isinstance(v, float)), prefix + f.name,
+                f"must be a finite number; got {value}")
+
+
+def require_at_least(section, prefix: str, minimum: int, *names: str) -> None:
+    """Refuses each field of `names` of the dataclass `section` that is below `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        require(value >= minimum, prefix + name, f"must be >= {minimum}; got {value}")
+
+
+def require_masks_some_keeps_some(mask_ratio: float, n_tokens: int, key: str) -> None:
+    """A masked-autoencoder mask ratio must keep a token (the encoder's input) and mask one (the loss's)."""
+    require(0.0 <= mask_ratio < 1.0, key, f"must be in [0, 1); got {mask_ratio}")
+    n_keep = int(n_tokens * (1 - mask_ratio))
+    require(n_keep >= 1, key, f"{mask_ratio} keeps no token of the {n_tokens} per image")
+    require(n_keep < n_tokens, key, f"{mask_ratio} masks no token of the {n_tokens} per image, and the "
+            "reconstruction loss is a mean over the masked ones")
+
+
+def dataset_band_names(dataset: str) -> dict[str, tuple[str, ...]] | None:
+    """{modality: band names} of a dataset whose bands are fixed by its format; None where the files on disk
+    declare them (seg_tiles, packed)."""
+    if dataset in ("bigearthnet_v1", "bigearthnet_v2"):
+        return {"s1": tuple(S1_BANDS), "s2": tuple(S2_BANDS)}
+    if dataset == "sen12ms":
+        from mmfuse_fast.data.sen12ms import SEN12MS_S1_BANDS, SEN12MS_S2_BANDS
+
+        return {"s1": SEN12MS_S1_BANDS, "s2": SEN12MS_S2_BANDS}
+    return None
+
+
+def require_known_modalities(modalities: dict[str, list[str]], dataset: str, key: str) -> None:
+    """Refuses a modality, or a band of one, that `dataset` does not have, naming `key` and the known names."""
+    known = dataset_band_names(dataset)
+    if known is None:
+        return
+    for modality, bands in modalities.items():
+        require(modality in known, key, f"names modality {modality!r}, which data.dataset={dataset} does not have; "
+                f"known modalities: {', '.join(known)}")
+        unknown = [b for b in bands if b not in known[modality]]
+        require(not unknown, f"{key}.{modality}", f"names band(s) {', '.join(unknown)}, which {modality} of "
+                f"data.dataset={dataset} does not have; known bands: {', '.join(known[modality])}")
 
 
 # --- model sections: one config class per registered model ------------------------------------------------------
@@ -72,11 +125,13 @@ class BaseModelConfig:
     ops_backend: str = "auto"  # auto | triton | reference
 
     def __post_init__(self):
+        require_finite(self, "model.")
         require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
         for name, bands in self.modalities.items():
             require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
                      f"must list distinct band names; got {bands}")
         require(self.patch_size >= 1, "model.patch_size", f"must be >= 1; got {self.patch_size}")
+        require(self.img_size >= 1, "model.img_size", f"must be >= 1; got {self.img_size}")
         require(self.img_size >= self.patch_size and self.img_size % self.patch_size == 0, "model.patch_size",
                  f"must divide model.img_size={self.img_size}; got {self.patch_size}")
         require(self.embed_dim >= 1, "model.embed_dim", f"must be >= 1; got {self.embed_dim}")
@@ -112,15 +167,18 @@ class ModelConfig(BaseModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.num_heads >= 1 and self.decoder_heads >= 1, "model.num_heads",
-                 "and model.decoder_heads must be >= 1")
+        require_at_least(self, "model.", 1, "num_heads", "decoder_heads", "decoder_dim", "proj_dim")
+        require_at_least(self, "model.", 0, "stem_depth", "caf_depth", "encoder_depth", "decoder_depth")
+        require(self.stem_depth + self.caf_depth * self.caf + self.encoder_depth >= 1, "model.encoder_depth",
+                "leaves the encoder without a block (model.stem_depth, model.caf_depth with model.caf, and "
+                "model.encoder_depth are all 0)")
         require(self.embed_dim % self.num_heads == 0, "model.num_heads", f"must divide embed_dim={self.embed_dim}")
         require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
                  f"must divide decoder_dim={self.decoder_dim}")
-        require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1); got {self.mask_ratio}")
-        n_tokens = (self.img_size // self.patch_size) ** 2
-        require(int(n_tokens * (1 - self.mask_ratio)) >= 1, "model.mask_ratio",
-                 f"{self.mask_ratio} keeps no token of the {n_tokens} per modality")
+        require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0; got {self.mlp_ratio}")
+        require_masks_some_keeps_some(self.mask_ratio, (self.img_size // self.patch_size) ** 2, "model.mask_ratio")
+        require(self.contrastive_weight >= 0, "model.contrastive_weight",
+                f"must be >= 0; got {self.contrastive_weight}")
         require(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
                  "model.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1; got {self.crop_scale}")
         require(self.temperature > 0, "model.temperature", "must be positive")
@@ -149,11 +207,19 @@ class DataConfig:
     reduce_zero_label: bool = False  # seg_tiles: label 0 is background (ignored), the others shift down by one
     stats_files: dict[str, str] = field(default_factory=dict)  # modality -> CSV of per-band mean, std
     seasons: list[str] = field(default_factory=list)  # sen12ms: subset of spring, summer, fall, winter
+    # reader constructor arguments passed as they are (e.g. split_files, s2_root, band_names, class_names); they
+    # override the keys above. None rather than {}: runs made before the key existed keep their config hash.
+    options: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         _one_of(self.on_error, ("raise", "skip"), "data.on_error")
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.num_classes >= 0, "data.num_classes", "must be >= 0 (0: from the labels)")
+        if self.options:
+            from mmfuse_fast.data import DATASETS, check_reader_options
+
+            if self.dataset in DATASETS:  # an unknown dataset is reported under its own key
+                check_reader_options(self.dataset, self.options)
 
 
 @dataclass
@@ -168,6 +234,16 @@ class OptimConfig:
     grad_clip_mode: str = "global"  # global: one norm over all gradients | per_parameter: each clipped alone (DINO)
 
     def __post_init__(self):
+        require_finite(self, "optim.")
+        require(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]; got {self.min_lr}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
+        require(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
+                f"must be >= 0 (or null: constant weight decay); got {self.weight_decay_end}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                f"must be [beta1, beta2] with each in [0, 1); got {self.betas}")
+        require_at_least(self, "optim.", 0, "warmup_steps")
+        require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0: no clipping); got {self.grad_clip}")
         _one_of(self.grad_clip_mode, ("global", "per_parameter"), "optim.grad_clip_mode")
 
 
@@ -188,7 +264,10 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
     def __post_init__(self):
-        require(self.steps >= 0, "train.steps", "must be >= 0")
+        require(self.steps >= 1, "train.steps", f"must be >= 1; got {self.steps}")
+        require(self.seed >= 0, "train.seed", f"must be >= 0; got {self.seed}")
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device",
+                f"must be auto, cpu, cuda or cuda:<index>; got {self.device!r}")
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.log_every >= 1 and self.checkpoint_every >= 1, "train.log_every",
                  "and train.checkpoint_every must be >= 1")
@@ -206,6 +285,9 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        require_known_modalities(self.model.modalities, self.data.dataset, "model.modalities")
 
 
 @dataclass
@@ -229,10 +311,12 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=8))
 
     def __post_init__(self):
+        require_finite(self, "")
         _one_of(self.mode, ("linear", "full"), "mode")
         _one_of(self.task, ("multilabel", "scene", "segmentation"), "task")
-        require(self.seg_channels >= 1 and self.eval_stride >= 0, "seg_channels",
-                 "must be >= 1 (and eval_stride >= 0)")
+        require_at_least(self, "", 1, "seg_channels")
+        require(self.eval_stride >= 0, "eval_stride",
+                f"must be >= 0 (0: half of model.img_size); got {self.eval_stride}")
         _one_of(self.pooling, ("mean", "concat"), "pooling")
         require(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1]; got {self.label_fraction}")
         require(self.label_seed >= 0, "label_seed", f"must be >= 0; got {self.label_seed}")
@@ -240,12 +324,21 @@ class FinetuneConfig:
         require(0.0 <= self.drop_path < 1.0, "drop_path", f"must be in [0, 1); got {self.drop_path}")
         require(len(set(self.modalities)) == len(self.modalities), "modalities",
                 f"must list distinct modality names; got {self.modalities}")
+        if self.pretrained:  # the backbone, and so its modalities, come from the checkpoint
+            require_known_modalities({m: [] for m in self.modalities}, self.data.dataset, "modalities")
+        else:
+            require_known_modalities(self.model.modalities, self.data.dataset, "model.modalities")
+            unknown = [m for m in self.modalities if m not in self.model.modalities]
+            require(not unknown, "modalities", f"names {unknown}, which the backbone does not have; its modalities "
+                    f"(model.modalities): {', '.join(self.model.modalities)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    if annotation is Any:  # passed through as written (reader options are checked by the reader's signature)
+        return value
     origin = typing.get_origin(annotation)
     if origin is Union:  # Optional[X]
         if value is None:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mmfuse_fast.config import BaseModelConfig, register_model_config, require
+from mmfuse_fast.config import BaseModelConfig, register_model_config, require, require_masks_some_keeps_some
 from mmfuse_fast.models.contract import check_batch
 from mmfuse_fast.models.draws import GlobalBatchDraws
 from mmfuse_fast.models.layers import block_flops, init_weights, set_backend
@@ -51,12 +51,11 @@ class SatViTConfig(BaseModelConfig):
         require(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0, "model.num_heads",
                 f"must be >= 1 and divide embed_dim={self.embed_dim}; got {self.num_heads}")
         require(self.decoder_depth >= 0, "model.decoder_depth", f"must be >= 0; got {self.decoder_depth}")
+        require(self.decoder_dim >= 1, "model.decoder_dim", f"must be >= 1; got {self.decoder_dim}")
         require(self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
                 f"must be >= 1 and divide decoder_dim={self.decoder_dim}; got {self.decoder_heads}")
         require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0; got {self.mlp_ratio}")
-        n_tokens = (self.img_size // self.patch_size) ** 2
-        require(0.0 <= self.mask_ratio < 1.0 and int(n_tokens * (1 - self.mask_ratio)) >= 1, "model.mask_ratio",
-                f"must be in [0, 1) and keep at least one of the {n_tokens} tokens; got {self.mask_ratio}")
+        require_masks_some_keeps_some(self.mask_ratio, (self.img_size // self.patch_size) ** 2, "model.mask_ratio")
 
 
 @register_model("satvit")

@@ -88,7 +88,6 @@ def test_data_options_forwarded_and_unknown_ones_named(tmp_path):
         DataConfig(dataset="sen12ms", options={"split": "train"})
 
 
-@pytest.mark.xfail(raises=TypeError, reason="config._check_value does not yet accept the typing.Any of data.options")
 def test_data_options_load_from_a_config_file():
     loaded = load_config(FinetuneConfig, {"data": {"dataset": "seg_tiles", "options": {"class_names": ["a", "b"]}}})
     assert loaded.data.options == {"class_names": ["a", "b"]}
