@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "cuda/crop_resize_index.h"
 #include "cuda/crop_resize_kernel.h"
 
 namespace mmfuse {
@@ -214,12 +215,11 @@ __global__ void backward_nhwc_kernel(const scalar_t* __restrict__ grad_out, cons
   }
 }
 
-constexpr int kThreads = 256;
+inline unsigned grid_for(int64_t work) { return static_cast<unsigned>(blocks_for(work)); }
 
-inline unsigned blocks_for(int64_t work) {
-  // Grid-stride loops: cap the grid; 2^20 blocks of 256 threads oversubscribe any current GPU.
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
+// Items of one grid-stride loop: one per output element channels_last, one per output pixel (all channels) NCHW.
+inline int64_t loop_work(bool channels_last, int64_t C, int64_t K, int64_t h, int64_t w) {
+  return channels_last ? K * h * w * C : K * h * w;
 }
 
 template <typename scalar_t, typename index_t>
@@ -229,11 +229,12 @@ void launch_forward(bool channels_last, const void* images, const void* boxes, c
   const auto* img = static_cast<const scalar_t*>(images);
   const auto* bx = static_cast<const acc_t*>(boxes);
   auto* o = static_cast<scalar_t*>(out);
+  const unsigned grid = grid_for(loop_work(channels_last, C, K, h, w));
   if (channels_last) {
-    forward_nhwc_kernel<scalar_t, index_t><<<blocks_for(K * h * w * C), kThreads, 0, stream>>>(
+    forward_nhwc_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
         img, bx, box_index, o, N, C, H, W, K, h, w);
   } else {
-    forward_nchw_kernel<scalar_t, index_t><<<blocks_for(K * h * w), kThreads, 0, stream>>>(
+    forward_nchw_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
         img, bx, box_index, o, N, C, H, W, K, h, w);
   }
 }
@@ -246,25 +247,27 @@ void launch_backward(bool channels_last, const void* grad_out, const void* boxes
   const auto* g = static_cast<const scalar_t*>(grad_out);
   const auto* bx = static_cast<const acc_t*>(boxes);
   auto* acc = static_cast<acc_t*>(grad_acc);
+  const unsigned grid = grid_for(loop_work(channels_last, C, K, h, w));
   if (channels_last) {
-    backward_nhwc_kernel<scalar_t, index_t><<<blocks_for(K * h * w * C), kThreads, 0, stream>>>(
+    backward_nhwc_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
         g, bx, box_index, acc, N, C, H, W, K, h, w);
   } else {
-    backward_nchw_kernel<scalar_t, index_t><<<blocks_for(K * h * w), kThreads, 0, stream>>>(
+    backward_nchw_kernel<scalar_t, index_t><<<grid, kThreads, 0, stream>>>(
         g, bx, box_index, acc, N, C, H, W, K, h, w);
   }
 }
 
-// 32-bit index arithmetic when every offset fits (the common case; integer division is much cheaper), else 64-bit.
-inline bool fits_int32(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t h, int64_t w) {
-  const int64_t limit = int64_t{1} << 31;
-  return N * C * H * W < limit && K * C * h * w < limit;
+// 32-bit index arithmetic when every offset and the loop counter fit (the common case; integer division is much
+// cheaper), else 64-bit.
+inline bool use_int32(bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t h,
+                      int64_t w) {
+  return fits_int32(N * C * H * W, K * C * h * w, loop_work(channels_last, C, K, h, w));
 }
 
 template <typename scalar_t>
 void forward_typed(bool channels_last, const void* images, const void* boxes, const int64_t* box_index, void* out,
                    int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t h, int64_t w, cudaStream_t stream) {
-  if (fits_int32(N, C, H, W, K, h, w)) {
+  if (use_int32(channels_last, N, C, H, W, K, h, w)) {
     launch_forward<scalar_t, int32_t>(channels_last, images, boxes, box_index, out, N, C, H, W, K, h, w, stream);
   } else {
     launch_forward<scalar_t, int64_t>(channels_last, images, boxes, box_index, out, N, C, H, W, K, h, w, stream);
@@ -275,7 +278,7 @@ template <typename scalar_t>
 void backward_typed(bool channels_last, const void* grad_out, const void* boxes, const int64_t* box_index,
                     void* grad_acc, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t h, int64_t w,
                     cudaStream_t stream) {
-  if (fits_int32(N, C, H, W, K, h, w)) {
+  if (use_int32(channels_last, N, C, H, W, K, h, w)) {
     launch_backward<scalar_t, int32_t>(channels_last, grad_out, boxes, box_index, grad_acc, N, C, H, W, K, h, w,
                                        stream);
   } else {
