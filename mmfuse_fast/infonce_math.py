@@ -16,11 +16,16 @@ across ranks with two small all_reduces (max, then sum of exp). The loss of the 
 columns is summed and all_reduced, so every rank returns the global loss. Backward gives each rank the gradient of
 the global loss restricted to its row block; the all_gather of the views sums the column gradients of all ranks, so
 the local embeddings receive exactly d(global loss)/d(local embeddings), as in `multiscale_infonce_reference`.
+The loss is computed in fp32 (fp64 for fp64 inputs) whatever the autocast state: under bf16 autocast the
+positive logits and the chunked products would otherwise be bf16 matmuls, ~0.04 nats off per term at τ = 0.1.
+
 The temperature gradient on each rank is its block's share; their sum over ranks is the single-process gradient
 (the same convention as the reference, and what DDP's gradient all-reduce expects).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -61,6 +66,23 @@ class _AllGatherBatch(torch.autograd.Function):
 def all_gather_batch(x: torch.Tensor, group) -> torch.Tensor:
     """(S, b, D) on every rank -> (S, world·b, D), differentiable: each rank gets the sum of all ranks' gradients."""
     return _AllGatherBatch.apply(x, group)
+
+
+def without_autocast(method):
+    """Runs an autograd.Function's forward or backward (`method(ctx, *args)`) with autocast off on the device of
+    its first tensor argument, so that every product inside keeps the dtype the implementation chose."""
+
+    @functools.wraps(method)
+    def run(ctx, *args):
+        device_type = "cpu"
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                device_type = arg.device.type
+                break
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, *args)
+
+    return run
 
 
 def temperature_tensor(temperature, device, dtype=torch.float32) -> torch.Tensor:

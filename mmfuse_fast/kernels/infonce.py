@@ -24,10 +24,19 @@ recomputed from qk and the saved LSEs):
     (no atomics, deterministic). With BWD_DA_ATOMIC = True the column pass also adds G V_J into dA with fp32
     atomics instead (one recomputation fewer, BLOCK_M·D atomics per tile).
     dτ = −(1/τ) Σ A · dA afterwards (an exact identity: O(S·B·D) work, no extra reduction in the kernels).
+
+A/B switches (module attributes, read at every launch; the first value is the default, numbers equal up to the
+order of floating-point sums):
+    COL_SUMS = "acq_rel" | "relaxed" | "relaxed_staggered"   (environment: MMFUSE_INFONCE_COL_SUMS)
+        the forward's column-sum atomics with Triton's default ordering; with relaxed ordering; relaxed and each
+        row block starting its column sweep at its own tile, so concurrent programs add into different columns.
+    BWD_DA_ATOMIC = False | True
+        backward: a second, row-major pass for dA; one pass with dA through fp32 atomics.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -42,6 +51,7 @@ from mmfuse_fast.infonce_math import (
     loss_scale,
     merge_partial_lse,
     temperature_tensor,
+    without_autocast,
 )
 
 LOG2E = 1.4426950408889634
@@ -54,6 +64,12 @@ MAX_SINGLE_D = 256
 # logits; no atomics, deterministic. True: one pass, dA through fp32 atomics (fewer FLOPs, many more atomics:
 # BLOCK_M x D per tile). Which is faster on a given GPU is for bench_infonce.py to say.
 BWD_DA_ATOMIC = False
+# Forward column sums (A/B switch, read at every launch): the atomics' memory ordering and whether row blocks
+# sweep the column tiles from staggered starting points. "acq_rel" (Triton's default ordering) is the default.
+COL_SUMS_VARIANTS = {"acq_rel": dict(ATOMIC_SEM="acq_rel", STAGGER=False),
+                     "relaxed": dict(ATOMIC_SEM="relaxed", STAGGER=False),
+                     "relaxed_staggered": dict(ATOMIC_SEM="relaxed", STAGGER=True)}
+COL_SUMS = os.environ.get("MMFUSE_INFONCE_COL_SUMS", "acq_rel")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,10 +102,15 @@ def _infonce_fwd_kernel(
     stride_as, stride_ab, stride_vs, stride_vb,
     SYMMETRIC: tl.constexpr, SINGLE_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr = "acq_rel", STAGGER: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     qk_scale = 1.4426950408889634 / tl.load(TAU)
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    # STAGGER: neighbouring row blocks start their sweep on neighbouring column tiles, so the programs in flight add
+    # into different columns instead of all contending for the same atomics.
+    first_tile = pid_m % tl.maximum(n_tiles, 1)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -103,8 +124,13 @@ def _infonce_fwd_kernel(
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    for t in range(0, n_tiles):
+        if STAGGER:
+            tile = t + first_tile
+            tile = tl.where(tile >= n_tiles, tile - n_tiles, tile)
+        else:
+            tile = t
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
         v_rows = v_base + cols[:, None] * stride_vb
         if SINGLE_D:
@@ -122,7 +148,8 @@ def _infonce_fwd_kernel(
         if SYMMETRIC:
             ref = tl.load(REF + s * n_cols + cols, mask=col_ok, other=0.0)
             p = tl.where(row_ok[:, None], tl.math.exp2(qk - ref[None, :]), 0.0)
-            tl.atomic_add(COL_SUM + s * n_cols + cols, tl.sum(p, 0), mask=col_ok)
+            # the sums are read only by the next kernel: no ordering with other memory is needed ("relaxed")
+            tl.atomic_add(COL_SUM + s * n_cols + cols, tl.sum(p, 0), mask=col_ok, sem=ATOMIC_SEM)
     tl.store(ROW_LSE + s * n_rows + rows, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -347,30 +374,40 @@ def _config(dim: int, kind: str, precision: str = "tf32") -> dict:
     return cfg
 
 
+def col_sum_variant() -> dict:
+    """The forward's column-sum launch options selected by `COL_SUMS` (see the module docstring)."""
+    if COL_SUMS not in COL_SUMS_VARIANTS:
+        raise ValueError(f"mmfuse_fast.kernels.infonce.COL_SUMS (env MMFUSE_INFONCE_COL_SUMS) is {COL_SUMS!r}; "
+                         f"expected one of {', '.join(COL_SUMS_VARIANTS)}")
+    return dict(COL_SUMS_VARIANTS[COL_SUMS])
+
+
 def _launch_forward(a, v, tau, ref2, symmetric):
-    """(row LSE, per-column sums relative to `ref2` or None when not symmetric), in log2 units."""
+    """(row LSE, per-column shift, per-column sums relative to that shift), in log2 units; the last two are None
+    when not symmetric. The shift starts as a copy of `ref2` (never written: the repair kernel rewrites the copy
+    for the columns it recomputes)."""
     n_scales, n_cols, dim = v.shape
     n_rows = a.shape[-2]
     stride_as = 0 if a.dim() == 2 else a.stride(0)
     row_lse2 = torch.empty(n_scales, n_rows, device=v.device, dtype=torch.float32)
     col_sum = torch.zeros(n_scales, n_cols, device=v.device, dtype=torch.float32) if symmetric else row_lse2
-    ref_arg = ref2 if symmetric else row_lse2
+    col_ref2 = ref2.clone() if symmetric else row_lse2
     precision = _precision(v.dtype)
     cfg = _config(dim, "fwd", precision)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), n_scales)
     _infonce_fwd_kernel[grid](
-        a, v, tau, ref_arg, row_lse2, col_sum, n_rows, n_cols, dim,
+        a, v, tau, col_ref2, row_lse2, col_sum, n_rows, n_cols, dim,
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
-        SYMMETRIC=symmetric, PRECISION=precision, **cfg)
+        SYMMETRIC=symmetric, PRECISION=precision, **col_sum_variant(), **cfg)
     if not symmetric:
-        return row_lse2, None
+        return row_lse2, None, None
     cfg = _config(dim, "repair", precision)
     grid = (triton.cdiv(n_cols, cfg["BLOCK_N"]), n_scales)
     _infonce_col_repair_kernel[grid](
-        a, v, tau, ref2, col_sum, n_rows, n_cols, dim,
+        a, v, tau, col_ref2, col_sum, n_rows, n_cols, dim,
         stride_as, a.stride(-2), v.stride(0), v.stride(1),
         PRECISION=precision, **cfg)
-    return row_lse2, col_sum
+    return row_lse2, col_ref2, col_sum
 
 
 def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, symmetric):
@@ -416,17 +453,22 @@ def _launch_backward(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, 
 
 @torch.library.custom_op("mmfuse::infonce_fwd", mutates_args=())
 def infonce_fwd(a: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, ref2: Optional[torch.Tensor],
-                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row LSE (S, b), per-column sums relative to `ref2` (S, B_cols); empty when not symmetric), log2 units."""
-    row_lse2, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
-    return row_lse2, col_sum if symmetric else row_lse2.new_empty(0)
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row LSE (S, b), column shift (S, B_cols): `ref2` where the shifted sums stayed finite, else the column's
+    exact max, column sums relative to that shift (S, B_cols)), log2 units; the last two empty when not symmetric.
+    `ref2` itself is left as it was."""
+    row_lse2, col_ref2, col_sum = _launch_forward(a, v, tau, ref2, symmetric)
+    if not symmetric:
+        return row_lse2, row_lse2.new_empty(0), row_lse2.new_empty(0)
+    return row_lse2, col_ref2, col_sum
 
 
 @infonce_fwd.register_fake
 def _(a, v, tau, ref2, symmetric):
     n_scales, n_cols, _ = v.shape
+    col_shape = (n_scales, n_cols) if symmetric else (0,)
     return (v.new_empty((n_scales, a.shape[-2]), dtype=torch.float32),
-            v.new_empty((n_scales, n_cols) if symmetric else (0,), dtype=torch.float32))
+            v.new_empty(col_shape, dtype=torch.float32), v.new_empty(col_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("mmfuse::infonce_bwd", mutates_args=())
@@ -444,6 +486,7 @@ def _(a, v, tau, grad_out, row_lse2, col_lse2, row_offset, coef, symmetric):
 
 class _TritonInfoNCE(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, anchors, cols, temperature, temp_value, symmetric, row_offset, n_global, group):
         dtype = torch.promote_types(anchors.dtype, cols.dtype)
         a = anchors.to(dtype).contiguous()
@@ -459,10 +502,10 @@ class _TritonInfoNCE(torch.autograd.Function):
         if symmetric:
             pos_all = all_gather_nograd(pos, group, 1) if group is not None else pos
             ref2 = ((pos_all + REF_MARGIN) * LOG2E).contiguous()
-        row_lse2, col_sum = torch.ops.mmfuse.infonce_fwd(a, v, tau, ref2, symmetric)
+        row_lse2, col_ref2, col_sum = torch.ops.mmfuse.infonce_fwd(a, v, tau, ref2, symmetric)
         col_lse2 = row_lse2  # placeholder saved when not symmetric
         if symmetric:
-            col_lse2 = merge_partial_lse(ref2 + torch.log2(col_sum), group, base2=True).contiguous()
+            col_lse2 = merge_partial_lse(col_ref2 + torch.log2(col_sum), group, base2=True).contiguous()
         loss = assemble_loss(row_lse2 * LN2, col_lse2 * LN2 if symmetric else None, pos, symmetric, row_offset,
                              n_global, group)
 
@@ -475,6 +518,7 @@ class _TritonInfoNCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         a, v, tau, row_lse2, col_lse2 = ctx.saved_tensors
         n_scales = v.shape[0]

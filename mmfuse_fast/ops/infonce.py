@@ -44,4 +44,5 @@ def multiscale_infonce(anchors, views, temperature=0.1, symmetric=True, group=No
         return multiscale_infonce_triton(anchors, views, temperature, symmetric, group)
     if chosen == "chunked":
         return multiscale_infonce_chunked(anchors, views, temperature, symmetric, group)
-    return multiscale_infonce_reference(anchors, views, temperature, symmetric, group)
+    with torch.autocast(views.device.type, enabled=False):  # fp32 logits under autocast, as the other backends
+        return multiscale_infonce_reference(anchors, views, temperature, symmetric, group)

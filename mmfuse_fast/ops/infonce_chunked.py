@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mmfuse_fast.infonce_math import assemble_loss, finish_grads, function_args, loss_scale, merge_partial_lse, \
-    temperature_tensor
+    temperature_tensor, without_autocast
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20  # bytes of one fp32 S x chunk x B_cols logits slice
 
@@ -26,6 +26,7 @@ def _rows_per_chunk(n_scales: int, n_cols: int, chunk_bytes: int, elem: int = 4)
 
 class _ChunkedInfoNCE(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, anchors, cols, temperature, temp_value, symmetric, row_offset, n_global, group, chunk_bytes):
         # anchors: (b, D) or (S, b, D) local rows; cols: (S, Bc, D) all columns (the gathered views).
         n_scales, n_cols, _ = cols.shape
@@ -76,6 +77,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         return loss.to(cdt)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         anchors, cols, tau, row_lse, col_lse = ctx.saved_tensors
         symmetric, row_offset, step = ctx.symmetric, ctx.row_offset, ctx.step

@@ -124,6 +124,8 @@ def test_compiles_without_graph_breaks(backend, symmetric):
 @needs_triton
 def test_triton_custom_ops_opcheck():
     """Schemas, fakes and AOT dispatch of the two launcher ops."""
+    import mmfuse_fast.kernels.infonce  # noqa: F401  (registers the ops)
+
     a, v = _inputs(2, 9, 16, False, torch.float32)
     tau = torch.tensor(0.1, device=DEVICE)
     ref2 = torch.zeros(2, 9, device=DEVICE)
@@ -279,3 +281,115 @@ def test_distributed_global_negatives_equal_single_process():
 
     backends = ["reference", "chunked"] + (["triton"] if HAS_TRITON and DEVICE == "cpu" else [])
     mp.spawn(_dist_infonce_worker.run, args=(2, _free_port(), backends), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fp32 whatever the autocast state; the forward op's inputs unchanged; the fp32 D = 256 path; A/B variants
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _extreme_inputs():
+    """Negatives beat positives by ~2/τ = 400 nats at τ = 0.005: the column shift overflows, the repair runs."""
+    anchors, views = _inputs(2, 40, 16, False, torch.float32, seed=5)
+    views = views.clone()
+    views[:, :20] = -anchors[:, :20]
+    views[:, 7] = -anchors[:, 30]
+    return anchors, views, torch.tensor(0.005, device=DEVICE)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_forward_op_does_not_write_its_inputs():
+    """The column repair rewrites the shift of overflowing columns: into an output, never into `ref2` (the op
+    declares no mutated argument, so torch.compile may reuse or recompute `ref2` after the call)."""
+    import mmfuse_fast.kernels.infonce  # noqa: F401  (registers the ops)
+
+    anchors, views, tau = _extreme_inputs()
+    pos = torch.einsum("sbd,sbd->sb", anchors, views) / tau
+    ref2 = (pos * 1.4426950408889634).contiguous()
+    before = ref2.clone()
+    outputs = torch.ops.mmfuse.infonce_fwd(anchors, views, tau, ref2, True)
+    assert torch.equal(ref2, before), "infonce_fwd wrote into its input ref2"
+    _, col_ref2, col_sum = outputs
+    assert not torch.equal(col_ref2, before), "the repaired columns' shift must come back as an output"
+    assert torch.isfinite(col_sum).all()
+    result = torch.library.opcheck(torch.ops.mmfuse.infonce_fwd.default, (anchors, views, tau, ref2, True),
+                                   test_utils=("test_schema",))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "chunked", "reference"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_loss_is_fp32_under_bf16_autocast(backend, shared):
+    """The engine runs the model under bf16 autocast: the loss (positive logits included) must still be computed
+    from fp32 embeddings in fp32, equal to the loss without autocast."""
+    anchors, views = _inputs(2, 48, 32, shared, torch.float32, seed=3)
+    t = torch.tensor(0.1, device=DEVICE)
+
+    def fn(a, v, tau, symmetric):
+        return multiscale_infonce(a, v, tau, symmetric, backend=backend)
+
+    def under_autocast(a, v, tau, symmetric):  # backward outside the region, as the engine's step runs it
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            return fn(a, v, tau, symmetric)
+
+    want = _run(fn, anchors, views, t, True)
+    got = _run(under_autocast, anchors, views, t, True)
+    for name, g, w in zip(("loss", "d_anchors", "d_views", "d_temperature"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} under autocast: {m}")
+
+
+@needs_triton
+def test_triton_fp32_wide_embedding_tf32x3_tiles(monkeypatch):
+    """The path `base` takes: fp32 embeddings of D = 256 with 3xTF32 products, whose tiles cover 128 dims at most,
+    so the kernels loop over D chunks. The interpreter computes the products in fp32; the tiles and the loop are
+    the GPU's."""
+    from mmfuse_fast.kernels import infonce as kinfonce
+
+    monkeypatch.setattr(kinfonce, "_precision", lambda dtype: "tf32x3")
+    assert not kinfonce._config(256, "fwd", "tf32x3")["SINGLE_D"]
+    _check_fp32(_triton, (2, 40, 256, False, True, "tensor"))
+    _check_fp32(_triton, (1, 33, 256, True, False, "float"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [(2, 4097, 256, False, True, "tensor"), (3, 1000, 256, True, False, "float"),
+                                  (2, 2048, 128, False, True, "tensor")], ids=str)
+def test_triton_gpu_fp32_3xtf32_matches_reference(case):
+    """fp32 embeddings with TF32 off: 3xTF32 products (D = 256: chunked head dim) against the fp64 reference."""
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's: monkeypatch cannot restore it
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        _check_fp32(_triton, case)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["relaxed", "relaxed_staggered"])
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_col_sum_variants_match_the_default(variant, extreme, monkeypatch):
+    """kernels.infonce.COL_SUMS: relaxed atomics and the staggered column sweep give the default's loss and
+    gradients (sums in another order: equal up to rounding). Several row and column blocks, a ragged last one."""
+    from mmfuse_fast.kernels import infonce as kinfonce
+
+    if extreme:
+        anchors, views, t = _extreme_inputs()
+    else:
+        anchors, views = _inputs(2, 97, 16, False, torch.float32, seed=11)
+        t = torch.tensor(0.1, device=DEVICE)
+    monkeypatch.setattr(kinfonce, "COL_SUMS", "acq_rel")
+    want = _run(_triton, anchors, views, t, True)
+    monkeypatch.setattr(kinfonce, "COL_SUMS", variant)
+    got = _run(_triton, anchors, views, t, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_col_sum_variant_names_are_checked(monkeypatch):
+    from mmfuse_fast.kernels import infonce as kinfonce
+
+    monkeypatch.setattr(kinfonce, "COL_SUMS", "fast")
+    with pytest.raises(ValueError, match="MMFUSE_INFONCE_COL_SUMS"):
+        kinfonce.col_sum_variant()
