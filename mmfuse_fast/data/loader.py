@@ -6,6 +6,10 @@ and zeroes page by page and the main process maps again. For BigEarthNet-sized s
 of batch buffers in shared memory. Each batch request names the slot its worker fills; the worker sends back only
 the slot number and the non-tensor fields (ids), and the main process yields views of the slot.
 
+A dataset with a `read_sample_into(index, out)` method (the packed reader's raw values) writes each sample straight
+into its row of the slot: `out` is {key: the row's tensor} for the tensor fields of the layout, and the method
+returns the sample's other fields, or None when it cannot (then the sample is read the ordinary way).
+
 A slot is handed out again only when no tensor viewing it is alive in the main process (the storage's use count is
 back to what the ring itself holds), so a caller that keeps batches, or views of them, sees what a DataLoader would
 have given it: the ring then simply grows. A batch whose samples do not fit the layout read from sample 0 (another
@@ -71,9 +75,12 @@ class _SlotWriter(Dataset):
         return self.dataset[index]
 
     def __getitems__(self, request: _BatchRequest) -> _FilledSlot:
-        samples = [self.dataset[i] for i in request]
         # holding the slot keeps this process's mapping of it: no fresh mmap and page faults per batch
         self._mapped[request.slot] = request.buffers
+        written = self._write_in_place(request)
+        if written is not None:
+            return written
+        samples = [self.dataset[i] for i in request]
         if not all(_fits(s, self.layout, self.keys) for s in samples):
             return _FilledSlot(request.slot, len(samples), None, default_collate(samples))
         for key, buffer in request.buffers.items():
@@ -82,6 +89,20 @@ class _SlotWriter(Dataset):
         other = [k for k in self.keys if k not in self.layout]
         extras = default_collate([{k: s[k] for k in other} for s in samples]) if other else {}
         return _FilledSlot(request.slot, len(samples), extras)
+
+    def _write_in_place(self, request: _BatchRequest) -> _FilledSlot | None:
+        """The batch written row by row by the dataset's `read_sample_into`; None if it has none, or a sample
+        did not fit (the rows written so far are then overwritten by the ordinary path)."""
+        read_into = getattr(self.dataset, "read_sample_into", None)
+        if read_into is None:
+            return None
+        rest = []
+        for row, index in enumerate(request):
+            fields = read_into(index, {k: buffer[row] for k, buffer in request.buffers.items()})
+            if fields is None or tuple(self.layout) + tuple(fields) != self.keys:
+                return None
+            rest.append(fields)
+        return _FilledSlot(request.slot, len(request), default_collate(rest) if rest and rest[0] else {})
 
 
 class _SlotRing:

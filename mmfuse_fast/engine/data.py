@@ -1,7 +1,9 @@
-"""Data order and loading: a seeded infinite sampler whose order is a pure function of (seed, epoch, position)."""
+"""Data order and loading: a seeded infinite sampler whose order is a pure function of (seed, epoch, position), and
+the per-band normalization done on the device for readers that hand over raw values."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Iterator
 
 import numpy as np
@@ -10,7 +12,7 @@ from torch.utils.data import Dataset, Sampler
 
 from mmfuse_fast.data.loader import SharedBatchLoader
 
-__all__ = ["epoch_order", "InfiniteSampler", "build_loader", "to_device"]
+__all__ = ["epoch_order", "InfiniteSampler", "build_loader", "to_device", "DeviceNormalize"]
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -59,3 +61,38 @@ def build_loader(dataset: Dataset, batch_size: int, seed: int, start: int = 0, n
 def to_device(batch: dict, device: torch.device) -> dict:
     """Moves the tensors of a batch to `device` (non-blocking); other entries (ids) pass through."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class DeviceNormalize:
+    """`(x - mean) / std` per band, then NaN and inf (nodata) -> 0, applied to a batch already on the device.
+
+    With a reader that returns the stored values (`PackedDataset(raw=True)`: integers, bf16 or float32 with NaN at
+    nodata), the loader ships half the bytes or fewer and the host does no arithmetic; this transform then gives
+    the numbers the reader's own normalization gives, bit for bit (the same float32 subtraction and division; a
+    band with std <= 0 is divided by 1, as the readers do). Mean and std are device tensors made once; the call
+    reads no value on the host, so it can run inside a captured CUDA graph."""
+
+    def __init__(self, stats: Mapping[str, Mapping[str, Sequence[float]]], bands: Mapping[str, Sequence[str]],
+                 device: torch.device | str):
+        self.mean_std: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for modality, names in bands.items():
+            mean = torch.tensor([float(stats[modality][b][0]) for b in names], dtype=torch.float32)
+            std = torch.tensor([float(stats[modality][b][1]) for b in names], dtype=torch.float32)
+            std = torch.where(std > 0, std, torch.ones_like(std))
+            self.mean_std[modality] = (mean.reshape(-1, 1, 1).to(device), std.reshape(-1, 1, 1).to(device))
+
+    @classmethod
+    def for_dataset(cls, dataset, device: torch.device | str) -> DeviceNormalize | None:
+        """The normalization `dataset` would apply on the host (its `normalization_stats()`), or None when it
+        normalizes nothing."""
+        stats = dataset.normalization_stats() if hasattr(dataset, "normalization_stats") else None
+        return None if stats is None else cls(stats, dataset.bands, device)
+
+    def __call__(self, batch: Mapping) -> dict:
+        """A new batch dict with the modalities normalized (float32); other entries as they are."""
+        out = dict(batch)
+        for modality, (mean, std) in self.mean_std.items():
+            if modality in out:
+                x = (out[modality].float() - mean) / std
+                out[modality] = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return out

@@ -123,3 +123,31 @@ def test_the_engines_endless_loader_follows_the_seeded_stream_with_a_worker():
     batches = iter(build_loader(data, 4, seed=7, start=6, num_workers=1))
     ids = [pid for _ in range(6) for pid in next(batches)["id"]]  # 24 samples across three epoch boundaries
     assert ids == [f"P{i:03d}" for i in stream[6:30]]
+
+
+class WritesInPlace(Scenes):
+    """Scenes that also write themselves into a batch row (`read_sample_into`), except at `refuse_at`."""
+
+    def __init__(self, n: int = 23, refuse_at: int | None = None):
+        super().__init__(n)
+        self.refuse_at = refuse_at
+        self.written = 0
+
+    def read_sample_into(self, i: int, out: dict) -> dict | None:
+        if i == self.refuse_at:
+            return None
+        sample = self[i]
+        for key, tensor in out.items():
+            tensor.copy_(sample[key])
+        self.written += 1
+        return {"id": sample["id"], "n": sample["n"]}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("refuse_at", [None, 6])
+def test_samples_written_in_place_equal_a_stock_dataloader(workers, refuse_at):
+    data = WritesInPlace(refuse_at=refuse_at)
+    got = list(SharedBatchLoader(data, 4, num_workers=workers))
+    assert_same_batches(got, list(DataLoader(data, batch_size=4)))
+    if workers == 0:
+        assert data.written >= 20  # the in-place path was taken (all but the refused batch)

@@ -102,11 +102,11 @@ def test_ctrl_c_during_pack_is_one_line_and_the_same_command_resumes(tmp_path, m
     read_sample = pack._raster_records
     packed = []
 
-    def ctrl_c_after_four_samples(ds, index):
+    def ctrl_c_after_four_samples(ds, index, *args):
         if len(packed) == 4:
             raise KeyboardInterrupt
         packed.append(index)
-        return read_sample(ds, index)
+        return read_sample(ds, index, *args)
 
     monkeypatch.setattr(pack, "_raster_records", ctrl_c_after_four_samples)
     assert main(argv) == 130
