@@ -27,11 +27,12 @@ def _close(ours, theirs, rel):
 
 
 def test_pretraining_trajectory_is_unchanged(numbers, golden):
-    # The first step's reconstruction loss does not involve the crop: bit-identical (same ops, same order, one
-    # thread). The golden run cropped with the C++ extension whatever the model's ops_backend; with
-    # ops_backend=reference the crop now goes through the PyTorch reference crop_resize (the same bilinear formula,
-    # its float ops in another order), so the trajectory equals the golden one to 1e-6 relative (6.3e-7 measured).
-    assert numbers["pretrain"][0]["loss_rec"] == golden["pretrain"][0]["loss_rec"]
+    # One thread fixes the order of every reduction, but not its vector width: PyTorch's CPU kernels take the widest
+    # instructions the machine has (AVX-512 or AVX2), which sums in other groupings, so the first step's loss moves
+    # by ~1e-7 relative between machines (8.6e-8 measured on an AVX2-only machine against the recording). With
+    # ops_backend=reference the crop goes through the PyTorch reference crop_resize (the C++ extension's bilinear
+    # formula, its float ops in another order): the trajectory equals the golden one to 1e-6 relative.
+    assert numbers["pretrain"][0]["loss_rec"] == pytest.approx(golden["pretrain"][0]["loss_rec"], rel=2e-7, abs=0)
     _close(numbers["pretrain"], golden["pretrain"], 1e-6)
 
 
