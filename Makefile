@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast cuda-check bench paper-tiny clean
+.PHONY: install demo test test-fast cuda-check bench gpu-dry-run paper-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,8 +36,15 @@ cuda-check:
 		rm -rf $$out; \
 	else echo "cuda-check: no nvcc or no CUDA sources, skipped"; fi
 
+# The suite includes tests/test_gpu_session.py: the GPU session script's dry run (gpu-dry-run below), so that the
+# script a lent GPU runs cannot rot in between.
 test: $(STAMP) cuda-check
 	$(PY) -m pytest -q -ra tests
+
+# Both calls of benchmarks/gpu_session.sh on the CPU at tiny sizes; output in runs/gpu-dry-run/.
+gpu-dry-run: $(STAMP)
+	rm -rf runs/gpu-dry-run
+	OUT=runs/gpu-dry-run PYTHON=$(PY) bash benchmarks/gpu_session.sh --dry-run
 
 # The paper's Tables 2 (four methods, three modality sets, two label fractions), 6, 7 and 8 at the CPU scale, on
 # the BigEarthNet v2 sample (fetched as `make demo` does); resumable: run it again to continue. Report:
