@@ -1,9 +1,10 @@
 """pytest plugin of the GPU session (`-p _pytest_fixed_tiles`, benchmarks/ on sys.path): the attention kernels run
 with fixed tiles instead of autotuning, so that the correctness tests compile each kernel once per signature
-instead of once per candidate configuration (minutes on a fresh machine). The tiles fit every head dim the tests use
-(16-128) in fp32, fp16 and bf16 on sm_80 and sm_90. Tests that set their own tiles (monkeypatch) still do."""
+instead of once per candidate configuration (minutes on a fresh machine). The tiles are those the kernels' module
+keeps for 3xTF32 at the widest head dims (`_TF32X3_WIDE`: no register spills, so no minute-long fp32 compiles), and
+fit fp16 and bf16 at every head dim. Tests that set their own tiles (monkeypatch) still do."""
 
-FIXED_BLOCKS = {"fwd": (64, 64), "dkdv": (32, 64), "dq": (64, 32)}
+FIXED_BLOCKS = {"fwd": (32, 32), "dkdv": (16, 64), "dq": (32, 32)}
 
 
 def pytest_configure(config):

@@ -138,11 +138,12 @@ bench() {  # bench NAME BUDGET SCRIPT ARGS...: the script skips rows past its bu
 
 # The selections: the kernels' tests compiled for real (edge cases, opcheck, torch.compile and bf16 included; the
 # compile-only checks for other archs and the multi-process test left out), the CUDA crop_resize tests (with the CPU
-# ones of the same file, seconds), the engine's CUDA-graph step tests.
-KERNEL_TESTS=(tests/ops/test_modality_attention.py tests/ops/test_infonce.py
-              -k "not compile_for_hopper and not autotune_pruning and not distributed")
+# ones of the same file, seconds), the engine's CUDA-graph step tests and its overlapped input copy.
+KERNEL_TESTS=(tests/ops/test_modality_attention.py tests/ops/test_modality_attention_variants.py
+              tests/ops/test_infonce.py -k "not compile_for_hopper and not autotune_pruning and not distributed")
 EXTENSION_TESTS=(tests/ops/test_crop_resize.py)
-GRAPH_STEP_TESTS=(tests/engine/test_engine_fast_step.py -k "cuda_graph or on_cuda")
+GRAPH_STEP_TESTS=(tests/engine/test_engine_fast_step.py tests/ops/test_staged_input_copy.py
+                  -k "cuda_graph or on_cuda or input_copy")
 BASELINES=(satvit fus_mae dino_mm)
 
 call1() {
