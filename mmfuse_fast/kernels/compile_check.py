@@ -141,10 +141,14 @@ def attention_cases(quick: bool) -> list[dict]:
     """(dtype, head dim, set lengths, padding) per case. Sets of >= 128 tokens keep every autotune config; short
     sets keep only the small tiles, as the autotuner's pruning does."""
     cases = [dict(dtype="bf16", head_dim=64, q_sets=(225, 225), kv_sets=(225, 225), used=False),  # the model's CAF
-             dict(dtype="fp16", head_dim=32, q_sets=(49, 50), kv_sets=(7, 60), used=True)]
-    if not quick:  # fp32 is slow to compile (minutes): only here
+             dict(dtype="fp16", head_dim=32, q_sets=(49, 50), kv_sets=(7, 60), used=True),
+             # the A/B variants (module docstring of kernels/modality_attention.py) at the model's visible sets
+             dict(dtype="bf16", head_dim=64, q_sets=(56, 56), kv_sets=(56, 56), used=True, lean=True, static=True)]
+    if not quick:  # fp32 (3xTF32) is slow to compile: only here
         cases += [dict(dtype=d, head_dim=h, q_sets=(256, 129), kv_sets=(256, 129, 100), used=u)
                   for d in DTYPES for h in (16, 32, 64, 128) for u in ((False, True) if d == "bf16" else (False,))]
+        cases += [dict(dtype=d, head_dim=h, q_sets=(225,), kv_sets=(56, 56), used=True, lean=True, static=True)
+                  for d in DTYPES for h in (32, 64)]
     return cases
 
 
@@ -152,11 +156,15 @@ def infonce_cases(quick: bool) -> list[dict]:
     """(dtype, embedding dim, anchors (B, D) or (S, B, D), symmetric, backward with dA atomics) per case."""
     cases = [dict(dtype="bf16", dim=128, anchors_3d=False, symmetric=True, atomic=False),  # the model's loss
              dict(dtype="fp32", dim=100, anchors_3d=True, symmetric=False, atomic=True),
-             dict(dtype="fp16", dim=384, anchors_3d=True, symmetric=True, atomic=False)]
+             dict(dtype="fp16", dim=384, anchors_3d=True, symmetric=True, atomic=False),
+             dict(dtype="bf16", dim=128, anchors_3d=False, symmetric=True, atomic=False, col_sums="relaxed_staggered"),
+             dict(dtype="fp32", dim=256, anchors_3d=False, symmetric=True, atomic=False)]  # `base`: 3xTF32, D chunks
     if not quick:
         variants = [(False, True, False), (True, False, False), (True, True, True), (False, False, True)]
         cases += [dict(dtype=d, dim=dim, anchors_3d=a3, symmetric=sym, atomic=at)
                   for d in DTYPES for dim in (8, 64, 128, 256, 512) for a3, sym, at in variants]
+        cases += [dict(dtype=d, dim=dim, anchors_3d=False, symmetric=True, atomic=False, col_sums=col_sums)
+                  for d in DTYPES for dim in (128, 256) for col_sums in ("relaxed", "relaxed_staggered")]
     return cases
 
 
@@ -174,8 +182,9 @@ def _attention_launches(case: dict) -> None:
     kv_used = torch.tensor([list(case["kv_sets"])] * batch, dtype=torch.int32) if case["used"] else None
     allow = ~torch.eye(len(case["q_sets"]), len(case["kv_sets"]), dtype=torch.bool)
     args = (case["q_sets"], case["kv_sets"], allow, q_used, kv_used, d ** -0.5)
-    out, lse = kernels._forward(q, k, v, *args)
-    kernels._backward(torch.zeros_like(out), q, k, v, out, lse, *args)
+    lean = case.get("lean", False)
+    out, lse = kernels._forward(q, k, v, *args, lean=lean, static_layout=case.get("static", False))
+    kernels._backward(torch.zeros_like(out), q, k, v, out, lse, *args, packed=lean)
 
 
 def _infonce_launches(case: dict) -> None:
@@ -187,12 +196,13 @@ def _infonce_launches(case: dict) -> None:
     tau = torch.tensor(0.1)
     ref2 = torch.zeros(scales, batch) if case["symmetric"] else None
     lse = torch.zeros(scales, batch)
-    previous, kernels.BWD_DA_ATOMIC = kernels.BWD_DA_ATOMIC, case["atomic"]
+    previous = kernels.BWD_DA_ATOMIC, kernels.COL_SUMS
+    kernels.BWD_DA_ATOMIC, kernels.COL_SUMS = case["atomic"], case.get("col_sums", "acq_rel")
     try:
         kernels._launch_forward(a, v, tau, ref2, case["symmetric"])
         kernels._launch_backward(a, v, tau, torch.ones(()), lse, lse, 0, 1.0, case["symmetric"])
     finally:
-        kernels.BWD_DA_ATOMIC = previous
+        kernels.BWD_DA_ATOMIC, kernels.COL_SUMS = previous
 
 
 # --------------------------------------------------------------------------------------------------------------

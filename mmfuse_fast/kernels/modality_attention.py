@@ -22,6 +22,22 @@ the device: no host synchronization, CUDA-graph safe.
 The public entry point is `modality_attention_triton`; it runs `torch.ops.mmfuse.modality_attention_fwd`,
 a `torch.library` custom op with a fake implementation and a registered autograd formula (backward:
 `torch.ops.mmfuse.modality_attention_bwd`), so `torch.compile` traces through it without graph breaks.
+
+fp32 inputs multiply as 3xTF32 on the tensor cores (about fp32 accuracy; plain TF32 where torch allows TF32
+matmuls), with the autotuner's tiles limited to those that do not spill registers (head dims up to 64; wider
+heads still spill a little with the one tile kept).
+
+A/B switches (module attributes, read at every call; the first value is the default; every variant gives the
+same numbers):
+    WRAPPER = "default" | "lean"          (environment: MMFUSE_ATTN_WRAPPER)
+        lean: set offsets, launch constants and the all-allowed table looked up once per set layout (a bool
+        `allow` is read by the kernels as it is); the output stored as (B, Lq, H, D), the layout the block's
+        output projection reads (merging the heads is a view, not a copy); no zeros tensor materialized for the
+        unused `lse` gradient (`set_materialize_grads(False)`); dq, dk, dv written into one buffer.
+    KERNEL = "default" | "static"         (environment: MMFUSE_ATTN_KERNEL)
+        static: the forward compiled for the set layout (offsets as compile-time constants, one autotuning per
+        layout) with one loop over all key blocks of all sets, each skipped unless allowed and used; the
+        backward kernels are shared.
 """
 
 from __future__ import annotations
@@ -43,6 +59,12 @@ MAX_HEAD_DIM = 256
 # {"fwd": (BLOCK_M, BLOCK_N), "dkdv": (BLOCK_M, BLOCK_N), "dq": (BLOCK_M, BLOCK_N)}. None on a GPU = autotune.
 INTERPRET_BLOCKS = {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32)}
 FORCE_BLOCKS: dict | None = None
+
+# A/B switches (module docstring); read at every call, the first value is the default.
+WRAPPERS = ("default", "lean")
+KERNELS = ("default", "static")
+WRAPPER = os.environ.get("MMFUSE_ATTN_WRAPPER", "default")
+KERNEL = os.environ.get("MMFUSE_ATTN_KERNEL", "default")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,6 +102,39 @@ def _used_end(USED, b, seg, stride_b, stride_s, seg_start, seg_end, HAS_USED: tl
         return seg_start + n
     else:
         return seg_end
+
+
+@triton.jit
+def _attend_key_block(q, k_base, v_base, offs_n, key_end, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, qk_scale, m_i, l_i,
+                      acc, PREC: tl.constexpr):
+    """One online-softmax step of the forward over the keys `offs_n` (those at or past `key_end` masked)."""
+    col_ok = offs_n < key_end
+    kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_forward(O, LSE, acc, m_i, l_i, row_ok, offs_m, offs_d, d_ok, seg_end, b, h, H, Lq,
+                   s_ob, s_oh, s_om, s_od):
+    """Normalized output and base-2 LSE of a query block; rows without a key: zeros and +inf."""
+    has_key = (l_i > 0.0) & row_ok
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf"))
+    in_set = offs_m < seg_end
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=in_set[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=in_set)
 
 
 @triton.jit
@@ -121,29 +176,76 @@ def _fwd_kernel(
         ke = _used_end(KUSED, b, j, s_kub, s_kus, ks, tl.load(KOFF + j + 1), HAS_KU)
         ke = tl.where(ok, ke, ks)
         for n0 in range(ks, ke, BLOCK_N):
-            offs_n = n0 + offs_n0
-            col_ok = offs_n < ke
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _attend_key_block(q, k_base, v_base, n0 + offs_n0, ke, offs_d, d_ok, s_kn, s_kd, s_vn,
+                                              s_vd, qk_scale, m_i, l_i, acc, PREC)
+    _store_forward(O, LSE, acc, m_i, l_i, row_ok, offs_m, offs_d, d_ok, seg_end, b, h, H, Lq, s_ob, s_oh, s_om, s_od)
 
-    has_key = (l_i > 0.0) & row_ok
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf"))
-    in_set = offs_m < seg_end
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=in_set[:, None] & d_ok[None, :])
-    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=in_set)
+
+@triton.jit
+def _static_block_of(pid, OFFS: tl.constexpr, NSEG: tl.constexpr, BLOCK: tl.constexpr):
+    """`_block_of` with the set offsets as compile-time constants: no loads, the comparisons fold."""
+    seg = pid * 0
+    seg_start = pid * 0
+    blk_start = pid * 0
+    seg_end = pid * 0
+    first = 0
+    for i in tl.static_range(NSEG):
+        nb = (OFFS[i + 1] - OFFS[i] + BLOCK - 1) // BLOCK
+        hit = (pid >= first) & (pid < first + nb)
+        seg = tl.where(hit, i, seg)
+        seg_start = tl.where(hit, OFFS[i], seg_start)
+        blk_start = tl.where(hit, OFFS[i] + (pid - first) * BLOCK, blk_start)
+        seg_end = tl.where(hit, OFFS[i + 1], seg_end)
+        first += nb
+    return seg, seg_start, blk_start, seg_end
+
+
+@triton.jit
+def _fwd_static_kernel(
+    Q, K, V, O, LSE, ALLOW, QUSED, KUSED,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_qub, s_qus, s_kub, s_kus,
+    H, Lq, qk_scale, TUNE_LQ, TUNE_LK,
+    Q_OFFS: tl.constexpr, K_OFFS: tl.constexpr,
+    NQ: tl.constexpr, NK: tl.constexpr, HAS_QU: tl.constexpr, HAS_KU: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward with the set layout compiled in: one loop over every key block of every set (a trip count
+    known at compile time), each block skipped unless its set is allowed and it holds a used key."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    seg, seg_start, m0, seg_end = _static_block_of(pid_m, Q_OFFS, NQ, BLOCK_M)
+    q_end = _used_end(QUSED, b, seg, s_qub, s_qus, seg_start, seg_end, HAS_QU)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < q_end
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    live = m0 < q_end
+    n_key_blocks = 0
+    for j in tl.static_range(NK):
+        n_key_blocks += (K_OFFS[j + 1] - K_OFFS[j] + BLOCK_N - 1) // BLOCK_N
+    for kb in range(n_key_blocks):
+        kseg, ks, n0, ke = _static_block_of(kb, K_OFFS, NK, BLOCK_N)
+        ke = _used_end(KUSED, b, kseg, s_kub, s_kus, ks, ke, HAS_KU)
+        if live & (n0 < ke) & (tl.load(ALLOW + seg * NK + kseg) != 0):
+            m_i, l_i, acc = _attend_key_block(q, k_base, v_base, n0 + offs_n0, ke, offs_d, d_ok, s_kn, s_kd, s_vn,
+                                              s_vd, qk_scale, m_i, l_i, acc, PREC)
+    _store_forward(O, LSE, acc, m_i, l_i, row_ok, offs_m, offs_d, d_ok, seg_end, b, h, H, Lq, s_ob, s_oh, s_om, s_od)
 
 
 @triton.jit
@@ -317,12 +419,33 @@ _DQ_CONFIGS = _configs([
 ])
 
 
-def _prune(configs, named_args, **kwargs):
+# 3xTF32 (fp32 without TF32) splits every operand into two TF32 halves: about twice the registers of a tile. The
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that compile without spills on sm_90 for head dims up to 64
+# (`compile_check --resources`); wider heads spill with every config, and keep only the one that spills least.
+_TF32X3_SPILL_FREE = {
+    "fwd": {(32, 32, 4, 2), (64, 32, 4, 3)},
+    "dkdv": {(32, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3)},
+    "dq": {(32, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 16, 4, 3), (64, 32, 8, 2)},
+}
+_TF32X3_WIDE = {"fwd": (32, 32, 4, 2), "dkdv": (16, 64, 4, 3), "dq": (32, 32, 4, 2)}
+
+
+def _config_key(config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _prune(configs, named_args, kernel: str | None = None, **kwargs):
+    """The configs worth timing; `kernel` ("fwd", "dkdv", "dq") selects the 3xTF32 tiles that do not spill."""
     args = {**named_args, **kwargs}  # the launchers pass the tuning keys as keyword arguments
     lq, lk = args["TUNE_LQ"], args["TUNE_LK"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(lq, 16) and c.kwargs["BLOCK_N"] <= max(lk, 16)]
     if args.get("BLOCK_D", 64) > 128:  # very wide heads: keep the register and shared-memory footprint sane
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or kept
+    if args.get("PREC") == "tf32x3" and kernel is not None:
+        if args.get("BLOCK_D", 64) <= 64:
+            kept = [c for c in kept if _config_key(c) in _TF32X3_SPILL_FREE[kernel]] or kept
+        else:
+            kept = [c for c in configs if _config_key(c) == _TF32X3_WIDE[kernel]]
     if kept:
         return kept
     smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
@@ -330,10 +453,15 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["TUNE_LQ", "TUNE_LK", "NQ", "NK", "HAS_QU", "HAS_KU", "HEAD_DIM", "PREC"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+def _pruning(kernel: str) -> dict:
+    return {"early_config_prune": functools.partial(_prune, kernel=kernel)}
+
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_pruning("fwd"))(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_pruning("dkdv"))(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_pruning("dq"))(_bwd_dq_kernel)
+_fwd_static_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["Q_OFFS", "K_OFFS"],
+                                    prune_configs_by=_pruning("fwd"))(_fwd_static_kernel)
 
 
 def _pick(name: str, raw, tuned):
@@ -365,9 +493,19 @@ def _pow2(n: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored for fp16/bf16 operands
+    """fp32 without TF32: 3xTF32 on the tensor cores (about fp32 accuracy), as the InfoNCE kernels; "ieee" FMAs
+    spill at most tile sizes. The interpreter computes in fp32 whatever the setting."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"  # ignored for fp16/bf16 operands
+    return "ieee" if _INTERPRET else "tf32x3"
+
+
+def _meta(q_segments, kv_segments, has_q_used: bool, has_kv_used: bool, head_dim: int, precision: str) -> dict:
+    return dict(
+        TUNE_LQ=_pow2(max(q_segments, default=1)), TUNE_LK=_pow2(max(kv_segments, default=1)),
+        NQ=len(q_segments), NK=len(kv_segments), HAS_QU=has_q_used, HAS_KU=has_kv_used,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)), PREC=precision,
+    )
 
 
 def _common(q, q_segments, kv_segments, allow, q_used, kv_used):
@@ -383,11 +521,35 @@ def _common(q, q_segments, kv_segments, allow, q_used, kv_used):
     ku = kv_used if kv_used is not None else koff
     qu_strides = tuple(q_used.stride()) if q_used is not None else (0, 0)
     ku_strides = tuple(kv_used.stride()) if kv_used is not None else (0, 0)
-    meta = dict(
-        TUNE_LQ=_pow2(max(q_segments, default=1)), TUNE_LK=_pow2(max(kv_segments, default=1)),
-        NQ=len(q_segments), NK=len(kv_segments), HAS_QU=q_used is not None, HAS_KU=kv_used is not None,
-        HEAD_DIM=q.shape[-1], BLOCK_D=max(16, _pow2(q.shape[-1])), PREC=_precision(q.dtype),
-    )
+    meta = _meta(q_segments, kv_segments, q_used is not None, kv_used is not None, q.shape[-1], _precision(q.dtype))
+    return qoff, koff, allow_t, qu, ku, qu_strides + ku_strides, meta
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(q_segments: tuple, kv_segments: tuple, device: torch.device, has_q_used: bool, has_kv_used: bool,
+                 head_dim: int, precision: str) -> tuple:
+    """What `_common` rebuilds per call, built once per layout: (set offsets of q and kv, the all-allowed table,
+    the launch constants)."""
+    return (_offsets(q_segments, device), _offsets(kv_segments, device),
+            _all_allowed(len(q_segments), len(kv_segments), device),
+            _meta(q_segments, kv_segments, has_q_used, has_kv_used, head_dim, precision))
+
+
+def _common_lean(q, q_segments, kv_segments, allow, q_used, kv_used):
+    """`_common` with its tables from `_launch_plan` and a bool `allow` read by the kernels as it is."""
+    qoff, koff, all_allowed, meta = _launch_plan(tuple(q_segments), tuple(kv_segments), q.device,
+                                                 q_used is not None, kv_used is not None, q.shape[-1],
+                                                 _precision(q.dtype))
+    if allow is None:
+        allow_t = all_allowed
+    elif allow.dtype == torch.bool and allow.device == q.device and allow.is_contiguous():
+        allow_t = allow
+    else:
+        allow_t = allow.to(device=q.device, dtype=torch.uint8).contiguous()
+    qu = q_used if q_used is not None else qoff
+    ku = kv_used if kv_used is not None else koff
+    qu_strides = tuple(q_used.stride()) if q_used is not None else (0, 0)
+    ku_strides = tuple(kv_used.stride()) if kv_used is not None else (0, 0)
     return qoff, koff, allow_t, qu, ku, qu_strides + ku_strides, meta
 
 
@@ -395,18 +557,51 @@ def _n_blocks(segments: Sequence[int], block: int) -> int:
     return sum(triton.cdiv(n, block) for n in segments)
 
 
-def _forward(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale):
+def _new_output(q, lean: bool) -> torch.Tensor:
+    """(B, H, Lq, D); with `lean` stored as (B, Lq, H, D), the layout the block's output projection reads, so
+    that merging the heads is a view instead of a copy."""
     batch, heads, lq, d = q.shape
-    out = torch.empty((batch, heads, lq, d), dtype=q.dtype, device=q.device)
+    if lean:
+        return torch.empty((batch, lq, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty((batch, heads, lq, d), dtype=q.dtype, device=q.device)
+
+
+def _packed_grad_views(buffer, q_shape, k_shape) -> tuple:
+    """dq, dk, dv as (B, H, L, D) views of one flat buffer: (B, L, 3, H, D) when q and k have the same length
+    (self-attention: the layout of the model's qkv projection), else (B, Lq, H, D) then (B, Lk, 2, H, D)."""
+    batch, heads, lq, d = q_shape
+    lk = k_shape[2]
+    if lq == lk:
+        qkv = buffer.view(batch, lq, 3, heads, d)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    n_q = batch * lq * heads * d
+    kv = buffer[n_q:].view(batch, lk, 2, heads, d)
+    return buffer[:n_q].view(batch, lq, heads, d).transpose(1, 2), kv[:, :, 0].transpose(1, 2), \
+        kv[:, :, 1].transpose(1, 2)
+
+
+def _forward(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale, lean=False, static_layout=False):
+    batch, heads, lq, d = q.shape
+    out = _new_output(q, lean)
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    qoff, koff, allow_t, qu, ku, used_strides, meta = _common(q, q_segments, kv_segments, allow, q_used, kv_used)
-    kernel, launch = _pick("fwd", _fwd_kernel, _fwd_tuned)
+    common = _common_lean if lean else _common
+    qoff, koff, allow_t, qu, ku, used_strides, meta = common(q, q_segments, kv_segments, allow, q_used, kv_used)
 
     def grid(m):
         return (_n_blocks(q_segments, m["BLOCK_M"]), heads, batch)
 
+    if static_layout:
+        kernel, launch = _pick("fwd", _fwd_static_kernel, _fwd_static_tuned)
+        kernel[grid](
+            q, k, v, out, lse, allow_t, qu, ku,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *used_strides,
+            heads, lq, scale * LOG2E, Q_OFFS=tuple(itertools.accumulate(q_segments, initial=0)),
+            K_OFFS=tuple(itertools.accumulate(kv_segments, initial=0)), **meta, **launch,
+        )
+        return out, lse
+    kernel, launch = _pick("fwd", _fwd_kernel, _fwd_tuned)
     kernel[grid](
         q, k, v, out, lse, qoff, koff, allow_t, qu, ku,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *used_strides,
@@ -415,17 +610,27 @@ def _forward(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_used, scale):
+def _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_used, scale, packed=False):
+    """(dq, dk, dv); with `packed`, (one flat buffer holding the three, as `_packed_grad_views` lays it out,)."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    dq = torch.empty((batch, heads, lq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, heads, lk, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, heads, lk, d), dtype=v.dtype, device=v.device)
+    if packed:
+        buffer = torch.empty(q.numel() + 2 * k.numel(), dtype=q.dtype, device=q.device)
+        dq, dk, dv = _packed_grad_views(buffer, q.shape, k.shape)
+        result = (buffer,)
+    else:
+        dq = torch.empty((batch, heads, lq, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty((batch, heads, lk, d), dtype=k.dtype, device=k.device)
+        dv = torch.empty((batch, heads, lk, d), dtype=v.dtype, device=v.device)
+        result = (dq, dk, dv)
     if batch * heads == 0 or d == 0:
-        return dq, dk, dv
+        return result
     if lq == 0 or lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    qoff, koff, allow_t, qu, ku, used_strides, meta = _common(q, q_segments, kv_segments, allow, q_used, kv_used)
+        for t in result:
+            t.zero_()
+        return result
+    common = _common_lean if packed else _common
+    qoff, koff, allow_t, qu, ku, used_strides, meta = common(q, q_segments, kv_segments, allow, q_used, kv_used)
     block_d = meta["BLOCK_D"]
 
     delta = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
@@ -455,7 +660,7 @@ def _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *used_strides,
         heads, lq, scale * LOG2E, scale, **meta, **launch,
     )
-    return dq, dk, dv
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,15 +672,17 @@ def _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_
 def modality_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: list[int], kv_segments: list[int],
     allow: Optional[torch.Tensor], q_used: Optional[torch.Tensor], kv_used: Optional[torch.Tensor], scale: float,
+    lean: bool = False, static_layout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, Lq, D), lse (B, H, Lq) fp32, base 2, +inf where a row has no key)."""
-    return _forward(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale)
+    """(out (B, H, Lq, D), lse (B, H, Lq) fp32, base 2, +inf where a row has no key). `lean` and `static_layout`:
+    the A/B variants of the module docstring (`out` stored as (B, Lq, H, D) with `lean`)."""
+    return _forward(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale, lean, static_layout)
 
 
 @modality_attention_fwd.register_fake
-def _(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale):
+def _(q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale, lean=False, static_layout=False):
     batch, heads, lq, d = q.shape
-    return q.new_empty((batch, heads, lq, d)), q.new_empty((batch, heads, lq), dtype=torch.float32)
+    return _new_output(q, lean), q.new_empty((batch, heads, lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("mmfuse::modality_attention_bwd", mutates_args=())
@@ -492,19 +699,44 @@ def _(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_used, sc
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+@torch.library.custom_op("mmfuse::modality_attention_bwd_packed", mutates_args=())
+def modality_attention_bwd_packed(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    q_segments: list[int], kv_segments: list[int], allow: Optional[torch.Tensor], q_used: Optional[torch.Tensor],
+    kv_used: Optional[torch.Tensor], scale: float,
+) -> torch.Tensor:
+    """dq, dk, dv in one flat buffer (`_packed_grad_views` gives the three): one allocation instead of three. One
+    output, not three views of it: a custom op's outputs may not alias each other."""
+    (buffer,) = _backward(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_used, scale, packed=True)
+    return buffer
+
+
+@modality_attention_bwd_packed.register_fake
+def _(do, q, k, v, out, lse, q_segments, kv_segments, allow, q_used, kv_used, scale):
+    return q.new_empty(q.numel() + 2 * k.numel())
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale = inputs
+    q, k, v, q_segments, kv_segments, allow, q_used, kv_used, scale, lean, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, allow, q_used, kv_used)
-    ctx.q_segments, ctx.kv_segments, ctx.scale = list(q_segments), list(kv_segments), scale
+    ctx.q_segments, ctx.kv_segments, ctx.scale, ctx.lean = list(q_segments), list(kv_segments), scale, lean
     ctx.mark_non_differentiable(lse)
+    # lean: no zeros tensor materialized for the gradient of `lse`, which the formula never reads
+    ctx.set_materialize_grads(not lean)
 
 
 def _backward_formula(ctx, dout, dlse):
     q, k, v, out, lse, allow, q_used, kv_used = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mmfuse.modality_attention_bwd(
-        dout, q, k, v, out, lse, ctx.q_segments, ctx.kv_segments, allow, q_used, kv_used, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    none = (None,) * 8
+    if dout is None:  # only without materialized gradients: `out` did not reach the loss
+        return (None, None, None) + none
+    args = (dout, q, k, v, out, lse, ctx.q_segments, ctx.kv_segments, allow, q_used, kv_used, ctx.scale)
+    if ctx.lean:
+        buffer = torch.ops.mmfuse.modality_attention_bwd_packed(*args)
+        return _packed_grad_views(buffer, q.shape, k.shape) + none
+    dq, dk, dv = torch.ops.mmfuse.modality_attention_bwd(*args)
+    return (dq, dk, dv) + none
 
 
 modality_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -525,6 +757,11 @@ def modality_attention_triton(
     if not supports(q.dtype, d):
         raise ValueError(f"modality_attention_triton: no kernel for {q.dtype} with head dim {d}")
     scale = float(d**-0.5 if scale is None else scale)
+    for name, value, names in (("WRAPPER", WRAPPER, WRAPPERS), ("KERNEL", KERNEL, KERNELS)):
+        if value not in names:
+            raise ValueError(f"mmfuse_fast.kernels.modality_attention.{name} (env MMFUSE_ATTN_{name}) is {value!r}; "
+                             f"expected one of {', '.join(names)}")
     out, _ = torch.ops.mmfuse.modality_attention_fwd(
-        q, k, v, [int(n) for n in q_segments], [int(n) for n in kv_segments], allow, q_used, kv_used, scale)
+        q, k, v, [int(n) for n in q_segments], [int(n) for n in kv_segments], allow, q_used, kv_used, scale,
+        WRAPPER == "lean", KERNEL == "static")
     return out
