@@ -28,6 +28,13 @@ buffers: an EMA teacher, BatchNorm statistics), the optimizer state, the counter
 their state before warmup, then captures the step. Later calls copy the next batch into the static buffers
 (non-blocking, from pinned memory) and replay. Numbers equal the eager step's.
 
+A/B switch (module attribute, read when a TrainStep is built; default off):
+    OVERLAP_INPUT_COPY = False | True     (environment: MMFUSE_OVERLAP_INPUT_COPY=1)
+        True: in graph mode each batch is copied host -> device on a side stream into one of two staging buffers,
+        so that the copy of batch N+1 runs while the replay of step N is still in flight; a device-to-device copy
+        into the static inputs then precedes the replay. Off: the copy into the static inputs waits for the
+        previous replay. No effect on the eager step (CPU, or CUDA without graphs). Same numbers either way.
+
 `forbid_host_sync()` is a dispatch mode that raises on any op that makes the host wait for a tensor's value (`.item()`,
 `bool(t)`, `.tolist()` of a device tensor, `.cpu()` of a device tensor, `nonzero`, ...): tests run the step under it
 on the CPU, where a CUDA graph cannot check for us.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sys
 from typing import Sequence
 
@@ -51,6 +59,8 @@ from mmfuse_fast.errors import NonFiniteLossError
 from mmfuse_fast.models.contract import check_pretrain_output
 
 __all__ = ["TrainStep", "HostSyncError", "forbid_host_sync", "resolve_amp", "nvtx_range"]
+
+OVERLAP_INPUT_COPY = os.environ.get("MMFUSE_OVERLAP_INPUT_COPY", "0") == "1"
 
 # Flags after the metric sums in the device accumulator (float64).
 _FLAGS = ("good", "bad", "streak", "trip", "streak_start", "overflow")
@@ -200,6 +210,8 @@ class TrainStep:
         self.growth_tracker = torch.zeros((), device=device, dtype=torch.int32) if self.fp16 else None
         self.static_batches: list[dict[str, torch.Tensor]] | None = None
         self.static_out: dict[str, torch.Tensor] | None = None
+        self.overlap_input_copy = OVERLAP_INPUT_COPY
+        self._staged_inputs: StagedInputCopy | None = None
         self._output_checked = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -337,9 +349,12 @@ class TrainStep:
         if self.graph is None:
             self._capture(micro_batches)
         with nvtx_range("h2d"):
-            for static, batch in zip(self.static_batches, micro_batches):
-                for k, buf in static.items():
-                    buf.copy_(batch[k], non_blocking=True)
+            if self._staged_inputs is not None:
+                self._staged_inputs.load(micro_batches)
+            else:
+                for static, batch in zip(self.static_batches, micro_batches):
+                    for k, buf in static.items():
+                        buf.copy_(batch[k], non_blocking=True)
         with nvtx_range("step_graph"):
             self.graph.replay()
         return self.static_out
@@ -395,6 +410,8 @@ class TrainStep:
         for static, batch in zip(self.static_batches, micro_batches):
             for k, buf in static.items():
                 buf.copy_(batch[k])
+        if self.overlap_input_copy:
+            self._staged_inputs = StagedInputCopy(self.static_batches, self.device)
         snap = self._snapshot()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -458,6 +475,52 @@ class TrainStep:
             record["loss_scale"] = float(self.scale)
         self._raise_if_tripped(int(values[flag["trip"]]))
         return record
+
+
+class StagedInputCopy:
+    """Fills a CUDA graph's static input buffers from host batches through two staging buffers on the device.
+
+    `load(micro_batches)` copies host tensors into the next staging buffer on a side stream (so it runs while the
+    graph replay already queued on the current stream is still in flight), makes the current stream wait for that
+    copy only, then copies staging -> static on the current stream, after the previous replay has read the static
+    buffers. A staging buffer is rewritten only once the current stream has consumed its previous contents (an
+    event per buffer). Device tensors in a batch are copied into the static buffers directly, on the current
+    stream, as the plain path does. On a device without streams (the CPU) every copy is a plain copy."""
+
+    def __init__(self, static_batches: list[dict[str, torch.Tensor]], device: torch.device):
+        self.static = static_batches
+        self.device = device
+        self.staging = [[{k: torch.empty_like(buf) for k, buf in static.items()} for static in static_batches]
+                        for _ in range(2)]
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.consumed: list = [None, None]  # per staging buffer: an event after its last staging -> static copy
+        self.next_slot = 0
+
+    def load(self, micro_batches: Sequence[dict]) -> None:
+        slot, self.next_slot = self.next_slot, 1 - self.next_slot
+        staging = self.staging[slot]
+        if self.stream is None:
+            self._stage(staging, micro_batches)
+        else:
+            current = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.stream):
+                if self.consumed[slot] is not None:
+                    self.stream.wait_event(self.consumed[slot])
+                self._stage(staging, micro_batches)
+            current.wait_stream(self.stream)
+        for static, stage, batch in zip(self.static, staging, micro_batches):
+            for k, buf in static.items():
+                src = batch[k]
+                buf.copy_(stage[k] if src.device.type == "cpu" else src, non_blocking=True)
+        if self.stream is not None:
+            self.consumed[slot] = torch.cuda.current_stream(self.device).record_event()
+
+    @staticmethod
+    def _stage(staging: list[dict[str, torch.Tensor]], micro_batches: Sequence[dict]) -> None:
+        for stage, batch in zip(staging, micro_batches):
+            for k, buf in stage.items():
+                if batch[k].device.type == "cpu":
+                    buf.copy_(batch[k], non_blocking=True)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
