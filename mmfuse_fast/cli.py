@@ -9,10 +9,11 @@
                           [--launcher inline|torchrun|print] [--set KEY=VALUE | TABLE:KEY=VALUE ...]
     mmfuse experiment report DIR
 
-Every error a user can cause (`mmfuse_fast.errors.MMFuseError` and its subclasses, and a missing file) prints one
-line and exits with the error's status: 2 for a config or data problem (the line names the key, file or split),
-1 for run state (a run directory that already holds a run without --resume, a broken checkpoint, a pack that fails
-verification), 130 for Ctrl-C. Anything else is a bug and keeps its traceback.
+Every error a user can cause (`mmfuse_fast.errors.MMFuseError` and its subclasses, and a path that is missing, not
+accessible or of the wrong kind) prints one line and exits with the error's status: 2 for a config or data problem
+(the line names the key, file or split), 1 for run state (a run directory that already holds a run without
+--resume or that another run is using, a broken checkpoint, a pack that fails verification), 130 for Ctrl-C.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mmfuse_fast.config import FinetuneConfig, PretrainConfig, load_config
 from mmfuse_fast.errors import ConfigError, Interrupted, MMFuseError
 
 EXIT_MISSING_FILE = 2
+# a path named by the user that does not exist, may not be read or written, or is a file where a folder is expected
+USER_PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args)
     except MMFuseError as e:
         return _fail(command, e, e.exit_code)
-    except FileNotFoundError as e:  # a config, checkpoint or data file named by the user is missing
+    except USER_PATH_ERRORS as e:  # a config, checkpoint, data file or output folder named by the user
         return _fail(command, e, EXIT_MISSING_FILE)
     except KeyboardInterrupt:
         return _fail(command, "interrupted", Interrupted.exit_code)

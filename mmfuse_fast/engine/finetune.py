@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from mmfuse_fast.config import BaseModelConfig, FinetuneConfig, given_keys
 from mmfuse_fast.data.loader import SharedBatchLoader
-from mmfuse_fast.engine.checkpoint import config_hash, resolve_weights
+from mmfuse_fast.engine.checkpoint import config_hash, hashed_config_values, resolve_weights
 from mmfuse_fast.engine.data import build_loader, to_device
 from mmfuse_fast.engine.logging import truncate_metrics
 from mmfuse_fast.engine.loop import Run, restore_training_state, run_loop
 from mmfuse_fast.engine.optim import build_optimizer
-from mmfuse_fast.engine.rundir import (LABEL_SUBSET_NAME, prepare_run_dir, read_backbone_config, write_json,
-                                       write_run_configs, write_task_info)
+from mmfuse_fast.engine.rundir import (LABEL_SUBSET_NAME, RunDirLock, prepare_run_dir, read_backbone_config,
+                                       write_json, write_run_configs, write_task_info)
 from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everything, validate_config
 from mmfuse_fast.engine.step import TrainStep
 from mmfuse_fast.engine.tasks import TaskObjective, build_classifier, get_task
@@ -350,19 +350,26 @@ class FeatureCache(Dataset):
 def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dataset: Dataset | None = None,
              eval_dataset: Dataset | None = None, progress: bool = True) -> dict:
     """Trains the `cfg.task` model on `cfg.data.splits` (a `label_fraction` of it), then evaluates it on
-    `cfg.eval_split` (skipped when empty). Returns run_dir, step, last training metrics, evaluation metrics."""
-    from mmfuse_fast.data import build_dataset
-
+    `cfg.eval_split` (skipped when empty). Returns run_dir, step, last training metrics, evaluation metrics. The
+    run directory is held (engine/rundir.py's RunDirLock) until the run ends."""
     validate_config(cfg)
     model_cfg = backbone_config(cfg)
     cfg = dataclasses.replace(cfg, model=model_cfg)  # config.yaml records the backbone actually trained
-    run_dir, ckpt = prepare_run_dir(run_dir, resume)
+    with RunDirLock(run_dir):
+        return _finetune(cfg, model_cfg, run_dir, resume, dataset, eval_dataset, progress)
+
+
+def _finetune(cfg: FinetuneConfig, model_cfg: BaseModelConfig, run_dir, resume: bool, dataset, eval_dataset,
+              progress: bool) -> dict:
+    from mmfuse_fast.data import build_dataset
+
+    run_dir, resumed = prepare_run_dir(run_dir, resume)
     device = resolve_device(cfg.train.device)
     check_backend_available(model_cfg.ops_backend, device)
     seed_everything(cfg.train.seed)
     task = get_task(cfg.task)
 
-    pretrained = resolve_weights(cfg.pretrained) if cfg.pretrained and ckpt is None else None
+    pretrained = resolve_weights(cfg.pretrained) if cfg.pretrained and resumed is None else None
     modalities = cfg.modalities or list(model_cfg.modalities)  # only these are read from the data
     unknown = [m for m in modalities if m not in model_cfg.modalities]
     if unknown:
@@ -375,7 +382,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     model = build_classifier(model_cfg, cfg.mode, cfg.pooling, pretrained, cfg.task, info["num_classes"],
                              cfg.seg_channels, modalities=cfg.modalities).to(device)
     check_inputs(model.backbone, dataset, larger_ok=cfg.task == "segmentation")
-    train_set = Subset(dataset, _label_subset(dataset, cfg, run_dir, ckpt is not None, info))
+    train_set = Subset(dataset, _label_subset(dataset, cfg, run_dir, resumed is not None, info))
     if cfg.task == "segmentation":
         train_set = RandomCrop(train_set, model_cfg.img_size, cfg.train.seed)
     if cfg.mode == "full":  # the fine-tuning recipe (configs/finetune_full.yaml); a frozen backbone has no use for it
@@ -383,16 +390,18 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     optimizer = build_optimizer(model, cfg.optim, device, layer_decay=cfg.layer_decay if cfg.mode == "full" else 1.0)
     cfg_hash = config_hash(cfg)
 
-    step, engine_state = 0, {}
-    if ckpt is not None:
-        state = restore_training_state(ckpt, model, optimizer, cfg_hash, {})
-        step, engine_state = state["step"], state.get("engine", {})
+    step, engine_state, last_checkpoint = 0, {}, None
+    if resumed is not None:
+        state = restore_training_state(resumed, model, optimizer, cfg, {})
+        step, engine_state, last_checkpoint = state["step"], state.get("engine", {}), resumed.path
+        del resumed  # its weights are in the model now: the host copy is not kept for the whole run
     truncate_metrics(run_dir, step)
     write_run_configs(run_dir, cfg, backbone=model_cfg)
     write_task_info(run_dir, info)
 
     batch_size = cfg.train.batch_size
     cached = task.pooled and cfg.mode == "linear" and FeatureCache.fits(model, len(train_set))
+    samples = train_set  # what the readers' skipped samples are counted on (not the feature cache made of it)
     if cached:
         train_set = FeatureCache(model, train_set, batch_size, device, cfg.data.num_workers, progress)
     objective = TaskObjective(model, task.loss(info["ignore_index"]), features=cached)
@@ -405,8 +414,9 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, dat
     objective.train()
     summary = run_loop(Run(run_dir=run_dir, model=model, optimizer=optimizer, step_fn=step_fn, batches=iter(loader),
                            train=cfg.train, optim_cfg=cfg.optim, cfg_hash=cfg_hash,
-                           desc=f"finetune {cfg.task} ({cfg.mode})", start_step=step, last_checkpoint=ckpt,
-                           progress=progress))
+                           config_values=hashed_config_values(cfg), train_set=samples,
+                           desc=f"finetune {cfg.task} ({cfg.mode})", start_step=step,
+                           last_checkpoint=last_checkpoint, progress=progress))
     if cfg.eval_split and summary["checkpoint"] is not None:
         from mmfuse_fast.engine.evaluate import evaluate
 

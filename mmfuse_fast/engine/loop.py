@@ -7,7 +7,8 @@
 
 `Run` holds what the loop needs; the entry points (engine/pretrain.py, engine/finetune.py) build it from their
 configs. Resuming: `restore_training_state` loads a checkpoint written by `Run.save`, so a run killed at any point
-continues with the same weights, optimizer state, RNG streams and data position.
+continues with the same weights, optimizer state, RNG streams and data position. The samples the readers skipped
+(on_error=skip; engine/observe.py's skipped_samples) are summed over ranks and logged as `skipped_samples`.
 """
 
 from __future__ import annotations
@@ -21,55 +22,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
-from mmfuse_fast.config import OptimConfig, TrainConfig
-from mmfuse_fast.engine.checkpoint import load_checkpoint, resolve_weights, rng_state, save_checkpoint, set_rng_state
+from mmfuse_fast.config import OptimConfig, TrainConfig, load_config
+from mmfuse_fast.engine.checkpoint import (LoadedCheckpoint, apply_weights, config_differences, config_hash,
+                                           hashed_config_values, rng_state, save_checkpoint, set_rng_state)
 from mmfuse_fast.engine.distributed import DistInfo, broadcast_flag
 from mmfuse_fast.engine.logging import MetricLogger
-from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops
+from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops, skipped_samples
+from mmfuse_fast.engine.rundir import CONFIG_NAME
 from mmfuse_fast.engine.schedule import lr_at
 from mmfuse_fast.engine.step import TrainStep, nvtx_range
-from mmfuse_fast.errors import CheckpointError
+from mmfuse_fast.errors import ConfigError
 
 __all__ = ["Run", "run_loop", "StopSignal", "training_state", "restore_training_state"]
 
 
 def training_state(step: int, optimizer_state: dict, samples_seen: int, cfg_hash: str,
-                   generators: dict[str, torch.Generator]) -> dict:
-    """What besides the weights a run needs to continue exactly: plain values and tensors only."""
-    return {
+                   generators: dict[str, torch.Generator], config_values: dict | None = None) -> dict:
+    """What besides the weights a run needs to continue exactly: plain values and tensors only. `config_values`
+    (engine.checkpoint.hashed_config_values) let a refused resume name the keys that changed."""
+    state = {
         "step": step,
         "optimizer": optimizer_state,
         "samples_seen": samples_seen,
         "config_hash": cfg_hash,
         "rng": rng_state(generators),
     }
+    if config_values is not None:
+        state["config"] = config_values
+    return state
 
 
-def restore_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg_hash: str,
-                           generators: dict[str, torch.Generator], fsdp: bool = False) -> dict:
-    """Loads a checkpoint into the model (unless FSDP2-sharded: then the full state dicts are set after), the
-    optimizer and the generators; refuses one written with another config (`cfg_hash`: engine.checkpoint's
-    config_hash of this run's config), naming what may change."""
-    state = load_checkpoint(ckpt, None if fsdp else model)
-    if state.get("config_hash") != cfg_hash:
-        raise CheckpointError(
-            f"cannot resume from {ckpt}: the config differs from the run's (hash {state.get('config_hash')} vs "
-            f"{cfg_hash}); only train.steps, log/checkpoint intervals, device, data.root and data.num_workers may "
-            f"change on resume"
-        )
+def restore_training_state(ckpt: LoadedCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           config, generators: dict[str, torch.Generator], fsdp: bool = False) -> dict:
+    """Loads a checkpoint (read by engine.checkpoint.read_newest_checkpoint) into the model, the optimizer and
+    the generators; refuses one written with another `config` (this run's), naming the keys that differ."""
+    state = ckpt.state
+    if state.get("config_hash") != config_hash(config):
+        changed = config_differences(_checkpoint_config_values(ckpt, type(config)), hashed_config_values(config))
+        what = "; ".join(changed) if changed else f"hash {state.get('config_hash')} vs {config_hash(config)}"
+        raise ConfigError(f"cannot resume from {ckpt.path}: the config differs from the checkpoint's ({what}); "
+                          f"only train.steps, log/checkpoint intervals, device, data.root and data.num_workers may "
+                          f"change on resume (start another run directory for another config)")
     if fsdp:  # full (gathered) state dicts, loaded into the sharded model and optimizer
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, load_file(str(resolve_weights(ckpt))), options=opts)
+        set_model_state_dict(model, ckpt.weights, options=opts)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     else:
+        apply_weights(model, ckpt.weights, ckpt.path)
         optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"], generators)
     return state
+
+
+def _checkpoint_config_values(ckpt: LoadedCheckpoint, config_class) -> dict:
+    """The hashed config values a checkpoint was written with: stored in it, or (checkpoints from before they were)
+    the run directory's config.yaml, which a resumed run rewrites only once its config is accepted."""
+    if isinstance(ckpt.state.get("config"), dict):
+        return ckpt.state["config"]
+    try:
+        return hashed_config_values(load_config(config_class, ckpt.path.parent.parent / CONFIG_NAME))
+    except Exception:  # an unreadable or outdated config.yaml: the error falls back to the hashes
+        return {}
 
 
 class StopSignal:
@@ -110,6 +128,8 @@ class Run:
     optim_cfg: OptimConfig
     cfg_hash: str
     desc: str
+    config_values: dict | None = None  # engine.checkpoint.hashed_config_values of the run's config
+    train_set: Dataset | None = None  # what the loader reads: its readers' skipped samples are reported
     start_step: int = 0
     last_checkpoint: Path | None = None
     generators: dict[str, torch.Generator] = field(default_factory=dict)
@@ -135,7 +155,8 @@ class Run:
             optim_state = self.optimizer.state_dict()
         path = None
         if self.info.is_main:
-            state = training_state(step, optim_state, step * self.train.batch_size, self.cfg_hash, self.generators)
+            state = training_state(step, optim_state, step * self.train.batch_size, self.cfg_hash, self.generators,
+                                   self.config_values)
             state["engine"] = self.step_fn.state_dict()
             path = save_checkpoint(self.run_dir, step, self.model, state, model_state=model_state)
         if self.info.enabled:
@@ -158,6 +179,7 @@ def run_loop(run: Run) -> dict:
     logger = MetricLogger(run.run_dir, total_steps=steps, start_step=step, desc=run.desc,
                           progress=run.progress) if info.is_main else None
     last_ckpt, interrupted = run.last_checkpoint, None
+    counts_skips = skipped_samples(run.train_set) is not None  # data that counts nothing gets no such field
     stop = StopSignal()
     stop.install()
     try:
@@ -179,6 +201,8 @@ def run_loop(run: Run) -> dict:
                     record = step_fn.read_metrics(group)  # the loop's one host sync; raises after K bad steps
                     record["lr"] = lr_at(step - 1, run.optim_cfg, steps)
                     record.update(meter.interval())
+                    if counts_skips:
+                        record["skipped_samples"] = _skipped_total(run.train_set, info)
                     if logger is not None:
                         logger.log(step, record)
                         tb.write(step, logger.last)
@@ -203,7 +227,22 @@ def run_loop(run: Run) -> dict:
         "rank": info.rank,
         "world_size": info.world,
     }
+    if counts_skips:
+        out["skipped_samples"] = _skipped_total(run.train_set, info)
     if interrupted:
         out["interrupted"] = interrupted
         out["exit_code"] = 128 + int(getattr(signal, interrupted))
     return out
+
+
+def _skipped_total(train_set: Dataset, info: DistInfo) -> int:
+    """The skipped samples of every rank (a host-side sum over ranks, no device sync; each rank's readers count
+    their own, so a bad sample met by two ranks counts twice)."""
+    total = skipped_samples(train_set) or 0
+    if not info.enabled:
+        return total
+    import torch.distributed as dist
+
+    t = torch.tensor([total], dtype=torch.int64)
+    dist.all_reduce(t, group=info.cpu_group)
+    return int(t.item())

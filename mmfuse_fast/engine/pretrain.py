@@ -4,25 +4,29 @@
     -> engine/loop.py's run_loop (log, checkpoint, resume, signals)
 
 Distributed (torchrun): see engine/distributed.py. `train.batch_size` is the global batch per optimizer step.
+The run directory is held (engine/rundir.py's RunDirLock, by rank 0) from before anything in it is read until the
+run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from mmfuse_fast.config import ConfigError, PretrainConfig
-from mmfuse_fast.engine.checkpoint import config_hash
-from mmfuse_fast.engine.distributed import (DistInfo, build_rank_loader, init_distributed, shutdown_distributed,
-                                            wrap_model)
+from mmfuse_fast.engine.checkpoint import config_hash, hashed_config_values
+from mmfuse_fast.engine.distributed import (DistInfo, broadcast_flag, build_rank_loader, init_distributed,
+                                            shutdown_distributed, wrap_model)
 from mmfuse_fast.engine.logging import truncate_metrics
 from mmfuse_fast.engine.loop import Run, restore_training_state, run_loop
 from mmfuse_fast.engine.optim import build_optimizer
-from mmfuse_fast.engine.rundir import prepare_run_dir, write_run_configs
+from mmfuse_fast.engine.rundir import RunDirLock, prepare_run_dir, write_run_configs
 from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everything, validate_config
 from mmfuse_fast.engine.step import TrainStep, resolve_amp
+from mmfuse_fast.errors import RunDirError
 from mmfuse_fast.ops import check_backend_available
 
 __all__ = ["pretrain"]
@@ -39,14 +43,33 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, dat
     validate_config(cfg)
     info, dist_device = init_distributed(cfg.train.device)
     try:
-        out = _pretrain(cfg, run_dir, resume, dataset, progress, info, dist_device)
-        if info.enabled:  # no rank tears the group down while another still has collectives in flight
-            import torch.distributed as dist
+        with _hold_run_dir(run_dir, info):
+            out = _pretrain(cfg, run_dir, resume, dataset, progress, info, dist_device)
+            if info.enabled:  # no rank tears the group down while another still has collectives in flight
+                import torch.distributed as dist
 
-            dist.barrier(group=info.cpu_group)
+                dist.barrier(group=info.cpu_group)
         return out
     finally:
         shutdown_distributed(info)
+
+
+@contextlib.contextmanager
+def _hold_run_dir(run_dir, info: DistInfo):
+    """Rank 0 holds the run directory for the whole run; when it cannot, every rank fails at once."""
+    lock = RunDirLock(run_dir)
+    refused = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except RunDirError as error:
+            refused = error
+    if broadcast_flag(refused is not None, info):
+        raise refused or RunDirError(f"run directory {run_dir} is in use by another run (rank 0 could not hold it)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: bool, info: DistInfo,
@@ -62,7 +85,7 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
         raise ConfigError(f"config key 'train.batch_size' ({batch_size}, the global batch) must be a multiple of "
                           f"world size x train.grad_accum_steps = {world} x {accum}")
     micro_batch = batch_size // (world * accum)
-    run_dir, ckpt = prepare_run_dir(run_dir, resume)
+    run_dir, resumed = prepare_run_dir(run_dir, resume, holder=info.is_main)
     seed_everything(tc.seed)
     amp_dtype = resolve_amp(tc.amp, device)
 
@@ -78,10 +101,11 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     generators = {"model": generator}
     cfg_hash = config_hash(cfg)
 
-    step, engine_state = 0, {}
-    if ckpt is not None:
-        state = restore_training_state(ckpt, model, optimizer, cfg_hash, generators, fsdp=fsdp)
-        step, engine_state = state["step"], state.get("engine", {})
+    step, engine_state, last_checkpoint = 0, {}, None
+    if resumed is not None:
+        state = restore_training_state(resumed, model, optimizer, cfg, generators, fsdp=fsdp)
+        step, engine_state, last_checkpoint = state["step"], state.get("engine", {}), resumed.path
+        del resumed  # its weights are in the model now: the host copy is not kept for the whole run
     if info.is_main:
         truncate_metrics(run_dir, step)  # a resumed run re-logs what came after its checkpoint
         write_run_configs(run_dir, cfg)
@@ -100,6 +124,7 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     model.train()
     flops = model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
     return run_loop(Run(run_dir=run_dir, model=model, optimizer=optimizer, step_fn=step_fn, batches=iter(loader),
-                        train=tc, optim_cfg=cfg.optim, cfg_hash=cfg_hash, desc=f"pretrain {cfg.model.name}",
-                        start_step=step, last_checkpoint=ckpt, generators=generators, info=info, fsdp=fsdp,
+                        train=tc, optim_cfg=cfg.optim, cfg_hash=cfg_hash, config_values=hashed_config_values(cfg),
+                        train_set=dataset, desc=f"pretrain {cfg.model.name}", start_step=step,
+                        last_checkpoint=last_checkpoint, generators=generators, info=info, fsdp=fsdp,
                         flops_per_sample=flops, progress=progress))

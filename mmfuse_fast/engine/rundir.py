@@ -1,7 +1,9 @@
-"""The run directory: every artifact's name, finding a run, and reading and writing its configs and task info.
+"""The run directory: every artifact's name, holding a run directory, finding a run, and reading and writing its
+configs and task info.
 
 A pretraining run::
 
+    run.lock                held (flock) by the process running in the directory; names its pid and host
     config.yaml             the resolved PretrainConfig
     metrics.jsonl           one line per log interval
     checkpoints/            step_NNNNNN/{model.safetensors, train_state.pt} and the `latest` pointer
@@ -17,21 +19,27 @@ A fine-tuning run adds::
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
 
-from mmfuse_fast.config import BaseModelConfig, PretrainConfig, from_dict, load_config, save_config, to_dict
-from mmfuse_fast.engine.checkpoint import (CHECKPOINT_DIR, LATEST_NAME, STATE_NAME, WEIGHTS_NAME, atomic_write_text,
-                                           latest_checkpoint)
+from mmfuse_fast.config import (BaseModelConfig, ModelConfig, PretrainConfig, from_dict, load_config,
+                                model_config_class, save_config, to_dict)
+from mmfuse_fast.engine.checkpoint import (CHECKPOINT_DIR, LATEST_NAME, STATE_NAME, WEIGHTS_NAME, LoadedCheckpoint,
+                                           atomic_write_text, complete_checkpoints, discard_partial_checkpoints,
+                                           incomplete_checkpoints, read_newest_checkpoint)
 from mmfuse_fast.errors import CheckpointError, ConfigError, RunDirError
 
 __all__ = ["CONFIG_NAME", "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "METRICS_NAME", "CHECKPOINT_DIR",
-           "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "TENSORBOARD_DIR", "eval_metrics_path", "prepare_run_dir", "find_run_dir",
-           "write_run_configs", "read_backbone_config", "read_task_info", "write_task_info", "write_json",
-           "json_safe"]
+           "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "TENSORBOARD_DIR", "LOCK_NAME", "RunDirLock",
+           "eval_metrics_path", "prepare_run_dir", "find_run_dir", "write_run_configs", "read_backbone_config",
+           "read_task_info", "write_task_info", "write_json", "json_safe"]
 
 CONFIG_NAME = "config.yaml"
 MODEL_CONFIG_NAME = "model.yaml"
@@ -39,29 +47,105 @@ LABEL_SUBSET_NAME = "label_subset.json"
 TASK_NAME = "task.json"
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_NAME = "run.lock"
 
 
 def eval_metrics_path(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / f"metrics_{split}.json"
 
 
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> tuple[Path, Path | None]:
-    """Creates the run directory; returns (run_dir, checkpoint to resume from or None).
+class RunDirLock:
+    """An exclusive hold on a directory (a run directory, a sweep directory) for as long as one process works in
+    it: `flock` on its run.lock, which names the holder (pid and host) for the error a second process gets.
+
+    The kernel drops the lock when the holding process ends, however it ends (SIGKILL included), so a lock file
+    left by a dead process never blocks. Two holds of one directory conflict even within one process. The lock is
+    as good as the filesystem's flock: local filesystems, NFSv4 and Lustre (mounted with flock) honour it across
+    hosts."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "RunDirLock":
+        """Creates the directory if needed and takes the lock; a RunDirError when another process holds it."""
+        directory = self.directory
+        if directory.exists() and not directory.is_dir():
+            raise RunDirError(f"run directory {directory} exists and is not a directory")
+        path = directory / LOCK_NAME
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(f"cannot use run directory {directory}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirError(f"{directory} is in use by another run{_holder(path)}; wait for it to end or choose "
+                              f"another directory") from None
+        except OSError as error:
+            os.close(fd)
+            raise RunDirError(f"cannot lock run directory {directory} ({path}: {error.strerror or error})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # the file names the holder only while there is one
+        except OSError:
+            pass
+        os.close(fd)  # drops the lock
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(lock_path: Path) -> str:
+    """' (pid N on host H)' from a lock file, or '' while the holder has not written it yet."""
+    try:
+        pid, host = lock_path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid} on host {host})"
+
+
+def prepare_run_dir(run_dir: str | Path, resume: bool, holder: bool = True) -> tuple[Path, LoadedCheckpoint | None]:
+    """Checks the run directory (held by this run's RunDirLock); returns (run_dir, the checkpoint to resume from,
+    read into memory, or None).
 
     A directory that already holds a checkpoint is never overwritten: without `resume` that is an error. With
-    `resume` and no checkpoint yet, training starts from step 0."""
+    `resume` the newest checkpoint that loads is used (engine.checkpoint.read_newest_checkpoint); with none yet,
+    training starts from step 0. Folders of saves that never finished are ignored, and removed by the `holder`
+    (the process holding the lock; other ranks of a distributed run only read)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None and (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).iterdir()):
-        raise RunDirError(f"{run_dir / CHECKPOINT_DIR} holds files but no 'latest' pointer; move it away first")
-    if ckpt is not None and not resume:
+    if holder:
+        discard_partial_checkpoints(run_dir)
+    complete = complete_checkpoints(run_dir)
+    if complete and not resume:
         raise RunDirError(
-            f"run directory {run_dir} already holds a checkpoint ({ckpt.name}); pass resume=True (--resume) to "
-            f"continue it, or choose another run directory"
+            f"run directory {run_dir} already holds a checkpoint ({complete[0].name}); pass resume=True (--resume) "
+            f"to continue it, or choose another run directory"
         )
+    for folder in incomplete_checkpoints(run_dir):
+        missing = [name for name in (WEIGHTS_NAME, STATE_NAME) if not (folder / name).is_file()]
+        warnings.warn(f"ignoring incomplete checkpoint folder {folder} (no {' or '.join(missing)})", stacklevel=2)
+    ckpt = read_newest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         print(f"note: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
     return run_dir, ckpt
@@ -112,7 +196,9 @@ def read_backbone_config(pretrained: str | Path, key: str = "pretrained") -> Bas
         raise ConfigError(f"config key '{key}': no {CONFIG_NAME} found in {path} or its parents")
     if (run_dir / MODEL_CONFIG_NAME).is_file():  # a fine-tuning run
         with open(run_dir / MODEL_CONFIG_NAME) as f:
-            return from_dict(PretrainConfig, {"model": yaml.safe_load(f) or {}}).model
+            values = yaml.safe_load(f) or {}
+        # the model section alone: a pretraining config would check its modalities against a default dataset
+        return from_dict(model_config_class(values.get("name", ModelConfig.name)), values)
     return load_config(PretrainConfig, run_dir / CONFIG_NAME).model
 
 

@@ -8,7 +8,9 @@
 
 Every command carries `--resume`, so running it again continues a run from its last checkpoint, and a run that has
 finished is skipped: a sweep killed at any point (SIGKILL included) and started again skips finished cells,
-resumes the unfinished run and ends with the results of an uninterrupted sweep.
+resumes the unfinished run and ends with the results of an uninterrupted sweep. The sweep directory is held
+(engine/rundir.py's RunDirLock) while a sweep executes, and every run holds its own run directory, so a second
+sweep or a run started by hand in the same place fails at once instead of mixing its files in.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from mmfuse_fast.engine.checkpoint import CHECKPOINT_DIR, checkpoint_step, latest_checkpoint
-from mmfuse_fast.engine.rundir import eval_metrics_path, write_json
+from mmfuse_fast.engine.checkpoint import checkpoint_step, latest_checkpoint
+from mmfuse_fast.engine.rundir import LOCK_NAME, RunDirLock, eval_metrics_path, write_json
 from mmfuse_fast.errors import ConfigError, RunDirError
 from mmfuse_fast.experiment.plan import PLAN_NAME, Plan, Run
 
@@ -45,10 +47,7 @@ def run_finished(run: Run, out: Path) -> bool:
     """A pretraining run is finished when its last checkpoint is at its last step; a downstream run when it is
     also evaluated."""
     run_dir = run.run_dir(out)
-    try:
-        ckpt = latest_checkpoint(run_dir)
-    except Exception:  # an incomplete pointer: not finished (the run itself reports what is wrong)
-        return False
+    ckpt = latest_checkpoint(run_dir)
     if ckpt is None or checkpoint_step(ckpt) != run.config["train"]["steps"]:
         return False
     if run.kind == "finetune":
@@ -98,11 +97,22 @@ def read_plan(out: Path) -> Plan:
 
 
 def _forget_unstarted(run: Run, out: Path) -> None:
-    """A run directory without a checkpoint holds nothing a resume could use (a run killed before its first
-    checkpoint): start it again from scratch."""
+    """A run directory without a complete checkpoint holds nothing a resume could use (a run killed before or
+    during its first checkpoint): start it again from scratch. Done holding the run directory, which keeps its
+    lock file (another process may be waiting on it); a RunDirError when another process runs in it."""
     run_dir = run.run_dir(out)
-    if run_dir.is_dir() and not (run_dir / CHECKPOINT_DIR).exists():
-        shutil.rmtree(run_dir)
+    if not run_dir.is_dir():
+        return
+    with RunDirLock(run_dir):
+        if latest_checkpoint(run_dir) is not None:
+            return
+        for path in run_dir.iterdir():
+            if path.name == LOCK_NAME:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _run_inline(args: list[str]) -> int:
@@ -123,9 +133,10 @@ def read_status(out: Path) -> dict:
 
 
 def execute(plan: Plan, out: Path, launcher: str = "inline", nproc: int | None = None, log=print) -> dict:
-    """Runs every unfinished run of the plan; returns {run id: "done" | "ran" | "failed (exit N)" | "skipped ..."}.
+    """Runs every unfinished run of the plan; returns {run id: "done" | "ran" | "failed (...)" | "skipped ..."}.
     A failed run does not stop the sweep (its cells are reported as failed); the runs that depend on it are
-    skipped. Each run's status and wall time go to DIR/status.json as it ends."""
+    skipped. Each run's status and wall time go to DIR/status.json as it ends. A sweep directory another sweep is
+    executing in is refused (RunDirError)."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     out = Path(out)
@@ -140,6 +151,11 @@ def execute(plan: Plan, out: Path, launcher: str = "inline", nproc: int | None =
         import torch
 
         nproc = nproc or max(1, torch.cuda.device_count())
+    with RunDirLock(out):
+        return _execute(runs, out, launcher, nproc, log)
+
+
+def _execute(runs: list[Run], out: Path, launcher: str, nproc: int | None, log) -> dict:
     record = read_status(out)
     status: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -150,7 +166,12 @@ def execute(plan: Plan, out: Path, launcher: str = "inline", nproc: int | None =
         if run_finished(run, out):
             status[run.id] = "done"
             continue
-        _forget_unstarted(run, out)
+        try:
+            _forget_unstarted(run, out)
+        except RunDirError as error:  # a run started by hand (or another sweep's) is using it: leave it alone
+            log(f"[{i}/{len(runs)}] {run.kind} {run.id}: {error}")
+            status[run.id] = "failed (run directory in use)"
+            continue
         log(f"[{i}/{len(runs)}] {run.kind} {run.id}  ({time.perf_counter() - t0:.0f} s into this invocation)")
         args = command(run, out)
         started = time.perf_counter()

@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -82,14 +83,13 @@ def test_interrupted_write_keeps_old_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ck.CheckpointError, match=r"step_000002 \(disk full\)"):
         ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
     monkeypatch.undo()
 
     assert ck.latest_checkpoint(tmp_path) == old
     assert {p.name: p.read_bytes() for p in old.iterdir()} == old_bytes
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]
     restored = _model(seed=2)
     assert ck.load_checkpoint(tmp_path, restored)["step"] == 1
 
@@ -138,3 +138,90 @@ def test_tied_weights_are_saved(tmp_path):
     fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     ck.load_weights(fresh, tmp_path / "w.safetensors")
     assert torch.equal(fresh[1].weight, model[0].weight)
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_interrupted_first_checkpoint_leaves_no_step_folder(tmp_path, monkeypatch):
+    model, opt = _trained()
+
+    def killed(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    monkeypatch.undo()
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert ck.latest_checkpoint(tmp_path) is None and ck.read_newest_checkpoint(tmp_path) is None
+    assert ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2)) == ck.latest_checkpoint(tmp_path)
+
+
+def test_partial_and_incomplete_folders_are_never_read(tmp_path):
+    model, opt = _trained()
+    good = ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    root = tmp_path / "checkpoints"
+    killed_mid_save = root / ".partial-step_000004-4242"  # what SIGKILL during a save leaves
+    killed_mid_save.mkdir()
+    (killed_mid_save / "model.safetensors").write_bytes(b"partial")
+    older_layout = root / "step_000003"  # a step folder with one file: an older version's interrupted save
+    older_layout.mkdir()
+    (older_layout / "model.safetensors").write_bytes(b"partial")
+    assert ck.latest_checkpoint(tmp_path) == good
+    assert ck.complete_checkpoints(tmp_path) == [good] and ck.incomplete_checkpoints(tmp_path) == [older_layout]
+    assert ck.read_newest_checkpoint(tmp_path).path == good
+    ck.discard_partial_checkpoints(tmp_path)
+    assert not killed_mid_save.exists() and good.is_dir()
+
+
+def test_a_step_written_again_replaces_its_folder(tmp_path):
+    model, opt = _trained()
+    ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    path = ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "step_000002"]
+    restored = _model(seed=3)
+    ck.load_checkpoint(tmp_path, restored)
+    assert torch.equal(restored[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "train_state.pt"])
+def test_unloadable_newest_checkpoint_falls_back_with_a_warning_naming_it(tmp_path, broken):
+    model, opt = _trained()
+    older = ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    newest = ck.save_checkpoint(tmp_path, 4, model, _state(opt, 4))
+    _truncate(newest / broken)
+    with pytest.warns(UserWarning, match=str(newest / broken)) as record:
+        loaded = ck.read_newest_checkpoint(tmp_path)
+    assert loaded.path == older and loaded.state["step"] == 2
+    assert "step_000002" in str(record[0].message)
+
+
+def test_no_loadable_checkpoint_is_one_error_naming_every_file(tmp_path):
+    model, opt = _trained()
+    older = ck.save_checkpoint(tmp_path, 2, model, _state(opt, 2))
+    newest = ck.save_checkpoint(tmp_path, 4, model, _state(opt, 4))
+    _truncate(newest / "train_state.pt")
+    (older / "model.safetensors").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped silently or with a warning: one error
+        with pytest.raises(ck.CheckpointError) as error:
+            ck.read_newest_checkpoint(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(newest / "train_state.pt") in message and str(older / "model.safetensors") in message
+    with pytest.raises(ck.CheckpointError, match="model.safetensors does not load"):
+        ck.load_weights(_model(), older)
+
+
+def test_config_differences_name_the_keys():
+    old = {"optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "model": {"embed_dim": 16}}
+    new = {"optim": {"lr": 0.5, "betas": (0.9, 0.95)}, "model": {"embed_dim": 16, "sensor_drop": 0.1}}
+    assert ck.config_differences(old, new) == ["model.sensor_drop: 'unset' -> 0.1", "optim.lr: 0.001 -> 0.5"]
+    assert ck.config_differences(old, old) == []

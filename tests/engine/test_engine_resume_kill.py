@@ -1,6 +1,6 @@
 """Safe interruption: a run killed with SIGKILL (no chance to clean up), resumed, then stopped with SIGTERM
 (checkpoint at the current step, exit 143), resumed again, ends with the loss and weights of an uninterrupted run;
-no checkpoint file is ever half-written."""
+no step folder is ever half-written."""
 
 import json
 import os
@@ -47,15 +47,14 @@ def _wait_for(proc, run_dir, step, timeout=60):
 
 
 def _assert_checkpoints_whole(run_dir):
-    """Every checkpoint file present loads completely; `latest` names a complete checkpoint."""
+    """Every step folder holds both files and they load completely (a save cut short leaves only a hidden partial
+    folder); `latest` names one of them."""
     root = Path(run_dir) / "checkpoints"
     latest = root / (root / "latest").read_text().strip()
     assert (latest / "model.safetensors").is_file() and (latest / "train_state.pt").is_file()
     for d in root.glob("step_*"):
-        if (d / "model.safetensors").exists():
-            assert load_file(str(d / "model.safetensors"))
-        if (d / "train_state.pt").exists():
-            assert torch.load(d / "train_state.pt", weights_only=True)["step"] == int(d.name.split("_")[1])
+        assert load_file(str(d / "model.safetensors"))
+        assert torch.load(d / "train_state.pt", weights_only=True)["step"] == int(d.name.split("_")[1])
 
 
 def _weights(run_dir):
