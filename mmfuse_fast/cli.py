@@ -5,6 +5,7 @@
     mmfuse evaluate --run-dir runs/ft [--split test] [--data-root PATH] [--json]
     mmfuse predict --run-dir runs/ft --input s2=a.tif --input s1=b.tif --out DIR [--stride 64]
     mmfuse data pack --format {bigearthnet_v1,sen12ms,seg_tiles} --root DATA --out PACKED [--option key=value]
+                     [--grid] [--dtype [MODALITY=]{float32,bfloat16,uint16,int16}] [--overwrite] [--verify]
     mmfuse experiment run --spec paper --scale tiny --out DIR [--seeds N] [--only table2 ...]
                           [--launcher inline|torchrun|print] [--set KEY=VALUE | TABLE:KEY=VALUE ...]
     mmfuse experiment report DIR
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 from mmfuse_fast.config import FinetuneConfig, PretrainConfig, load_config
-from mmfuse_fast.errors import ConfigError, Interrupted, MMFuseError
+from mmfuse_fast.errors import ConfigError, Interrupted, MMFuseError, UsageError
 
 EXIT_MISSING_FILE = 2
 # a path named by the user that does not exist, may not be read or written, or is a file where a folder is expected
@@ -74,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          "verified)")
     p.add_argument("--format", required=True, choices=["bigearthnet_v1", "sen12ms", "seg_tiles"])
     p.add_argument("--root", required=True, help="dataset root in the distributed layout")
-    p.add_argument("--out", required=True, help="output folder (written as OUT.partial, renamed when verified)")
+    p.add_argument("--out", required=True, help="output folder, apart from --root (written as OUT.partial beside "
+                                                 "it, swapped in when verified; OUT.lock: one packer at a time)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option, value parsed as YAML, e.g. --option 'modalities={hsi: images}' "
                         "--option reduce_zero_label=true (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack")
+    p.add_argument("--grid", action="store_true", help="bigearthnet_v1: store the bands resampled to the 120 px "
+                                                       "grid, one array per modality (read by data.dataset=packed; "
+                                                       "the other formats always are)")
+    p.add_argument("--dtype", dest="dtypes", action="append", default=[], metavar="[MODALITY=]DTYPE",
+                   help="how grid packs store the values, for every modality or one (repeatable): float32 (the "
+                        "default: exact), bfloat16 (half the bytes, rounded), uint16 or int16 (exact, for integer "
+                        "data only), e.g. --dtype s2=uint16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack (of any data) once the new "
+                                                            "one verifies; discard an unfinished pack of other data")
     p.add_argument("--verify", action="store_true", help="only verify an existing pack (counts and checksums)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -184,8 +194,14 @@ def _data_pack(args) -> dict:
         except ConfigError as e:
             raise ConfigError(str(e).replace("--set", "--option")) from None
         options[key] = value
+    per_modality = dict(text.split("=", 1) for text in args.dtypes if "=" in text)
+    for_all = [text for text in args.dtypes if "=" not in text]
+    if len(for_all) > 1 or (for_all and per_modality):
+        raise UsageError(f"--dtype {' --dtype '.join(args.dtypes)}: give one DTYPE for every modality, or "
+                         f"MODALITY=DTYPE for some (the others stay float32), not both")
     return pack_dataset(args.format, args.root, args.out, options=options, overwrite=args.overwrite,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, grid=args.grid,
+                        dtype=for_all[0] if for_all else per_modality or "float32")
 
 
 PER_CLASS_KEYS = ("ap_per_class", "iou_per_class", "f1_per_class")

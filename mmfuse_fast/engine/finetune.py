@@ -443,4 +443,6 @@ def _task_info(cfg: FinetuneConfig, dataset: Dataset) -> dict:
     return {"task": cfg.task, "num_classes": int(num_classes),
             "ignore_index": getattr(dataset, "ignore_index", 255 if cfg.task == "segmentation" else None),
             "classes": list(getattr(dataset, "classes", [])) or None,
+            # class k is label value k + 1 in the dataset's files when label 0 (background) was left out
+            "label_offset": int(bool(getattr(dataset, "reduce_zero_label", False))),
             "stats": {m: {b: list(v) for b, v in s.items()} for m, s in stats.items()} if stats else None}
