@@ -127,8 +127,8 @@ class BaseModelConfig:
     def __post_init__(self):
         require_finite(self, "model.")
         require(len(self.modalities) >= 1, "model.modalities", "must name at least one modality")
-        for name, bands in self.modalities.items():
-            require(len(bands) >= 1 and len(set(bands)) == len(bands), f"model.modalities.{name}",
+        for name, bands in self.modalities.items():  # [] = every band the data declares, filled in at run start
+            require(len(set(bands)) == len(bands), f"model.modalities.{name}",
                      f"must list distinct band names; got {bands}")
         require(self.patch_size >= 1, "model.patch_size", f"must be >= 1; got {self.patch_size}")
         require(self.img_size >= 1, "model.img_size", f"must be >= 1; got {self.img_size}")

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Sampler
 
 from mmfuse_fast.data.loader import SharedBatchLoader
 
-__all__ = ["epoch_order", "InfiniteSampler", "build_loader", "to_device", "DeviceNormalize"]
+__all__ = ["epoch_order", "InfiniteSampler", "build_loader", "to_device", "DeviceNormalize", "normalize_on_device"]
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -96,3 +96,14 @@ class DeviceNormalize:
                 x = (out[modality].float() - mean) / std
                 out[modality] = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         return out
+
+
+def normalize_on_device(dataset, device: torch.device | str) -> tuple[Dataset, DeviceNormalize | None]:
+    """(the dataset handing over its stored values, the DeviceNormalize that finishes them in the step) for readers
+    that can (`raw_values()`: packs on the model grid), else (dataset, None): it normalizes on the host itself.
+    The step then sees the numbers the host normalization gives, bit for bit."""
+    raw_values = getattr(dataset, "raw_values", None)
+    if raw_values is None or not getattr(dataset, "normalize", False):
+        return dataset, None
+    normalize = DeviceNormalize.for_dataset(dataset, device)
+    return (raw_values(), normalize) if normalize is not None else (dataset, None)

@@ -28,7 +28,8 @@ from mmfuse_fast.engine.loop import Run, restore_training_state, run_loop
 from mmfuse_fast.engine.optim import build_optimizer
 from mmfuse_fast.engine.rundir import (LABEL_SUBSET_NAME, RunDirLock, prepare_run_dir, read_backbone_config,
                                        write_json, write_run_configs, write_task_info)
-from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everything, validate_config
+from mmfuse_fast.engine.runtime import (check_inputs, resolve_device, seed_everything, validate_config,
+                                        with_declared_bands)
 from mmfuse_fast.engine.step import TrainStep
 from mmfuse_fast.engine.tasks import TaskObjective, build_classifier, get_task
 from mmfuse_fast.errors import CheckpointError, ConfigError, DataError
@@ -46,7 +47,7 @@ def backbone_config(cfg: FinetuneConfig) -> BaseModelConfig:
     """The backbone's model config: the pretrained run's (refusing any model key given that it fixes), or
     `cfg.model` when training from scratch."""
     if not cfg.pretrained:
-        return cfg.model
+        return with_declared_bands(cfg).model
     backbone = read_backbone_config(cfg.pretrained)
     for key in sorted(given_keys(cfg)):
         field = key.split(".")[1] if key.startswith("model.") else None

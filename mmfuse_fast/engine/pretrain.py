@@ -18,13 +18,15 @@ from torch.utils.data import Dataset
 
 from mmfuse_fast.config import ConfigError, PretrainConfig
 from mmfuse_fast.engine.checkpoint import config_hash, hashed_config_values
+from mmfuse_fast.engine.data import normalize_on_device
 from mmfuse_fast.engine.distributed import (DistInfo, broadcast_flag, build_rank_loader, init_distributed,
                                             shutdown_distributed, wrap_model)
 from mmfuse_fast.engine.logging import truncate_metrics
 from mmfuse_fast.engine.loop import Run, restore_training_state, run_loop
 from mmfuse_fast.engine.optim import build_optimizer
 from mmfuse_fast.engine.rundir import RunDirLock, prepare_run_dir, write_run_configs
-from mmfuse_fast.engine.runtime import check_inputs, resolve_device, seed_everything, validate_config
+from mmfuse_fast.engine.runtime import (check_inputs, resolve_device, seed_everything, validate_config,
+                                        with_declared_bands)
 from mmfuse_fast.engine.step import TrainStep, resolve_amp
 from mmfuse_fast.errors import RunDirError
 from mmfuse_fast.ops import check_backend_available
@@ -41,6 +43,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, dat
     run_dir, step, the last logged metrics, the final checkpoint path, the wall time, and `interrupted` (the
     signal's name) / `exit_code` when SIGTERM or SIGINT stopped the run early."""
     validate_config(cfg)
+    cfg = with_declared_bands(cfg)
     info, dist_device = init_distributed(cfg.train.device)
     try:
         with _hold_run_dir(run_dir, info):
@@ -93,6 +96,7 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
         dataset = build_dataset(cfg.data, cfg.data.splits, bands=cfg.model.modalities)
     model = build_model(cfg.model).to(device)
     check_inputs(model, dataset)
+    dataset, on_device_normalize = normalize_on_device(dataset, device)  # packs ship stored values: fewer bytes
     fsdp = info.enabled and tc.distributed == "fsdp2"
     if fsdp:  # sharded before the optimizer sees the parameters
         model = wrap_model(model, info, device, "fsdp2", amp_dtype)
@@ -117,7 +121,8 @@ def _pretrain(cfg: PretrainConfig, run_dir, resume: bool, dataset, progress: boo
     step_fn = TrainStep(net, optimizer, device=device, optim_cfg=cfg.optim, total_steps=tc.steps, model=model,
                         amp=tc.amp, grad_accum_steps=accum, max_bad_steps=tc.max_bad_steps,
                         cuda_graph=tc.cuda_graph and not fsdp, generator=generator, start_step=step,
-                        no_sync=no_sync, graph_warmup=11 if info.enabled else 3)
+                        no_sync=no_sync, graph_warmup=11 if info.enabled else 3,
+                        batch_transform=on_device_normalize)
     step_fn.load_state_dict(engine_state)
     loader = build_rank_loader(dataset, batch_size, micro_batch, tc.seed, info.rank, world, step,
                                cfg.data.num_workers, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 
 from mmfuse_fast.errors import ConfigError, DataError
 
-__all__ = ["resolve_device", "seed_everything", "validate_config"]
+__all__ = ["resolve_device", "seed_everything", "validate_config", "with_declared_bands", "check_inputs"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,11 +44,20 @@ def validate_config(cfg) -> None:
     need(cfg.data.dataset in DATASETS, "data.dataset", f"is {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}")
     need(bool(cfg.data.splits), "data.splits", "is empty")
     need("test" not in cfg.data.splits, "data.splits", "includes 'test': training never sees the test split")
-    need(cfg.train.device in ("auto", "cpu") or cfg.train.device.startswith("cuda"), "train.device",
-         f"must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers")
+
+
+def with_declared_bands(cfg):
+    """`cfg` with each empty band list of `model.modalities` replaced by the bands the data declares, in the data's
+    order (a 224-band cube needs no YAML listing 224 names); the run's saved config and hash hold the names."""
+    empty = [m for m, bands in cfg.model.modalities.items() if not bands]
+    if not empty:
+        return cfg
+    from mmfuse_fast.data import declared_bands
+
+    declared = declared_bands(cfg.data, empty)
+    modalities = {m: list(bands) or list(declared[m]) for m, bands in cfg.model.modalities.items()}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, modalities=modalities))
+
 
 def check_inputs(backbone, dataset, larger_ok: bool = False) -> None:
     """Refuses, before training, a dataset whose samples do not fit the model (`model.img_size`, modalities, band

@@ -46,7 +46,7 @@ import contextlib
 import itertools
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -158,8 +158,10 @@ class TrainStep:
                  optim_cfg: OptimConfig, total_steps: int, model: nn.Module | None = None, amp: str = "auto",
                  grad_accum_steps: int = 1, max_bad_steps: int = 10, cuda_graph: bool = False,
                  generator: torch.Generator | None = None, start_step: int = 0, no_sync=None,
-                 graph_warmup: int = 3):
+                 graph_warmup: int = 3, batch_transform: Callable[[dict], dict] | None = None):
         self.net, self.optimizer, self.device = net, optimizer, device
+        # device-side input work that belongs to the step (and its graph): e.g. engine/data.py's DeviceNormalize
+        self.batch_transform = batch_transform
         self.model = model if model is not None else unwrap_model(net)
         self.optim_cfg, self.total_steps = optim_cfg, total_steps
         self.model_metric_names = tuple(self.model.metric_names)
@@ -246,6 +248,8 @@ class TrainStep:
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, stacked metrics) of one micro-batch."""
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
         with nvtx_range("forward"), self._autocast():
             out = self.net(batch, generator=self.generator, step=self.step_t)
         if not self._output_checked:

@@ -108,3 +108,31 @@ def test_a_split_that_selects_nothing_names_the_pack_and_says_what_to_use(tmp_pa
     with pytest.raises(DataError, match="no split lists.*split 'all' \\(data.splits=\\[all\\]\\)"):
         PackedDataset(out, split=["train"])
     assert len(PackedDataset(out, split="all")) == 4
+
+
+def test_pretraining_from_a_grid_pack_normalizes_on_the_device(ben_without_split_lists, tmp_path, monkeypatch):
+    """The loader ships the stored values and the step normalizes them: the same losses as the host-normalized
+    reader, bit for bit (a Subset hides `raw_values`, so that run normalizes on the host)."""
+    from torch.utils.data import Subset
+
+    from mmfuse_fast.config import PretrainConfig, load_config
+    from mmfuse_fast.engine.data import DeviceNormalize, normalize_on_device
+    from mmfuse_fast.engine.pretrain import pretrain
+    from mmfuse_fast.engine.logging import read_metrics
+
+    pack_dataset("bigearthnet_v1", ben_without_split_lists, tmp_path / "grid", grid=True, dtype="bfloat16",
+                 progress=False)
+    packed = PackedDataset(tmp_path / "grid", split="all")
+    raw, normalize = normalize_on_device(packed, "cpu")
+    assert normalize is not None and raw[0]["s2"].dtype == torch.bfloat16
+    cfg = load_config(PretrainConfig, "tiny", ["train.steps=3", "train.batch_size=4", "train.log_every=1",
+                                               "train.device=cpu", "model.ops_backend=reference"])
+    calls = []
+    normalize_batch = DeviceNormalize.__call__
+    monkeypatch.setattr(DeviceNormalize, "__call__", lambda self, batch: calls.append(1) or normalize_batch(self, batch))
+    losses = {}
+    for name, dataset in (("device", packed), ("host", Subset(packed, range(len(packed))))):
+        pretrain(cfg, tmp_path / name, dataset=dataset, progress=False)
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+    assert len(losses["device"]) == 3 and losses["device"] == losses["host"]
+    assert len(calls) == 3  # one per step of the device run, none in the host run

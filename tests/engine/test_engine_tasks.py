@@ -10,6 +10,7 @@ from mmfuse_fast.data import PackedDataset, SegmentationTiles, pack_dataset
 from mmfuse_fast.data.synthetic import write_sen12ms
 from mmfuse_fast.engine.evaluate import evaluate, load_classifier
 from mmfuse_fast.engine.finetune import finetune
+from mmfuse_fast.engine.predict import predict
 from mmfuse_fast.engine.metrics import SegmentationMetrics, scene_metrics
 from mmfuse_fast.models.segmentation import sliding_window_logits
 
@@ -96,13 +97,20 @@ def test_scene_classification_end_to_end(tmp_path):
 def test_segmentation_end_to_end_on_enmap(tmp_path, enmap_root):
     names = SegmentationTiles(enmap_root, split="test", modalities={"hsi": "images"}, num_classes=6,
                               reduce_zero_label=True, normalize=False).bands["hsi"]
+    # the README's recipe: every band the tiles declare (no list of 224 names), class names, reduce_zero_label
+    class_names = ["c1", "c2", "c3", "c4", "c5", "c6"]
     data = {"dataset": "seg_tiles", "root": str(enmap_root), "modality_dirs": {"hsi": "images"},
-            "reduce_zero_label": True, "stats_files": {"hsi": str(enmap_root / "Normalize_Bands.csv")}}
+            "reduce_zero_label": True, "stats_files": {"hsi": str(enmap_root / "Normalize_Bands.csv")},
+            "options": {"class_names": class_names}}
     cfg = load_config(FinetuneConfig, {"task": "segmentation", "mode": "full", "data": data, "seg_channels": 16,
-                                       "model": {"modalities": {"hsi": list(names)}}},
+                                       "model": {"modalities": {"hsi": []}}},
                       TINY + ["model.img_size=32", "train.steps=4", "train.batch_size=2", "optim.lr=1e-3"])
     result = finetune(cfg, tmp_path / "run", progress=False)
     assert np.isfinite(result["metrics"]["loss"])
+    assert load_config(FinetuneConfig, tmp_path / "run" / "config.yaml").model.modalities == {"hsi": list(names)}
+    tile = next((enmap_root / "images").glob("*.tif"))
+    predicted = predict(tmp_path / "run", {"hsi": tile}, tmp_path / "predicted")
+    assert predicted["classes"] == class_names and predicted["label_values"] == [1, 2, 3, 4, 5, 6]
     ev = evaluate(tmp_path / "run", split="test", progress=False)
     assert ev["task"] == "segmentation" and ev["n_pixels"] == 660  # labelled test pixels (classes 1-6)
     # the same predictions scored with scikit-learn
