@@ -3,11 +3,14 @@ backends: docs/architecture.md, "Ops and kernels")."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mmfuse_fast.ops import _backend
 from mmfuse_fast.ops.infonce_chunked import multiscale_infonce_chunked
 from mmfuse_fast.ops.reference import multiscale_infonce_reference
+
 
 def _check(anchors, views, temperature):
     if views.dim() != 3:
@@ -25,6 +28,15 @@ def _check(anchors, views, temperature):
         raise TypeError("multiscale_infonce: anchors and views must be floating point")
     if isinstance(temperature, torch.Tensor) and temperature.dim() != 0:
         raise ValueError(f"multiscale_infonce: temperature must be a float or a 0-d tensor; got {tuple(temperature.shape)}")
+    # A device tensor's value is not read: that would be a host sync inside the captured step.
+    value = temperature.item() if isinstance(temperature, torch.Tensor) and temperature.device.type == "cpu" \
+        else temperature
+    if not isinstance(value, torch.Tensor) and not (float(value) > 0 and math.isfinite(float(value))):
+        raise ValueError(f"multiscale_infonce: temperature must be a finite number > 0; got {value}")
+    scales, batch, dim = views.shape
+    if scales == 0 or batch == 0 or dim == 0:
+        raise ValueError(f"multiscale_infonce: needs at least one scale, one sample and one feature; got views "
+                         f"{tuple(views.shape)} (S, B, D): InfoNCE over an empty batch has no value")
 
 
 def multiscale_infonce(anchors, views, temperature=0.1, symmetric=True, group=None, backend="auto") -> torch.Tensor:

@@ -152,3 +152,23 @@ def test_no_images_and_no_boxes_give_an_empty_result(backend):
 def test_bad_random_boxes_arguments_are_refused(args, match):
     with pytest.raises(ValueError, match=match):
         random_boxes(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("temperature, shape, match", [
+    (0.0, (2, 4, 8), "temperature must be a finite number > 0; got 0.0"),
+    (-0.1, (2, 4, 8), "temperature must be a finite number > 0"),
+    (float("nan"), (2, 4, 8), "temperature must be a finite number > 0"),
+    (float("inf"), (2, 4, 8), "temperature must be a finite number > 0"),
+    (torch.tensor(0.0), (2, 4, 8), "temperature must be a finite number > 0"),
+    (0.1, (2, 0, 8), "InfoNCE over an empty batch has no value"),
+    (0.1, (0, 4, 8), "at least one scale"),
+    (0.1, (2, 4, 0), "one feature"),
+])
+def test_bad_infonce_arguments_are_refused(backend, temperature, shape, match):
+    """A non-positive or non-finite temperature gives NaN or a wrong finite loss; an empty batch a NaN mean."""
+    from mmfuse_fast.ops import multiscale_infonce
+
+    views, anchors = torch.randn(shape), torch.randn(shape[1:])
+    with pytest.raises(ValueError, match=re.escape(match)):
+        multiscale_infonce(anchors, views, temperature, backend=backend)
