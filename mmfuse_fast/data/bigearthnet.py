@@ -469,10 +469,6 @@ _PATCH_FOLDERS_LOOKED_AT = 4  # patch folders a folder's first entries must incl
 _SEARCH_DEPTH = 3  # folder levels under the root searched for the patch folders
 
 
-def _read_patch_csv(path: Path) -> list[list[str]]:  # the name pack.py reads
-    return read_split_rows(path)
-
-
 def patch_folder_kind(folder: Path) -> str | None:
     """"s1" or "s2" when `folder` holds BigEarthNet v1 patch folders (`<name>/<name>_<band>.tif`), judged by its
     first few sub-folders; else None."""

@@ -578,11 +578,12 @@ def _swap_in(paths: dict[str, Path]) -> None:
 
 
 def _add_snow_cloud_flags(table: pd.DataFrame, root: Path) -> None:
-    from .bigearthnet import _read_patch_csv
+    from .splits import find_list_file, read_split_rows
 
     for column, file_name in (("contains_seasonal_snow", "patches_with_seasonal_snow.csv"),
                               ("contains_cloud_or_shadow", "patches_with_cloud_and_shadow.csv")):
-        listed = {row[0] for row in _read_patch_csv(root / file_name)} if (root / file_name).is_file() else set()
+        path = find_list_file(root, file_name)  # as shipped: also .csv.bz2
+        listed = {row[0] for row in read_split_rows(path)} if path is not None else set()
         table[column] = table["patch_id"].isin(listed)
 
 
