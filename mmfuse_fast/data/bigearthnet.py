@@ -32,6 +32,7 @@ from mmfuse_fast.errors import BigEarthNetDataError, DataError, DataFileError
 
 from .bands import BAND_STATS, MODALITY_BANDS, PATCH_SIZE_PX, native_size_px
 from .base import BandDataset, resolve_stats
+from .blob_store import BlobStore, find_lmdb_dir
 from .geotiff import RasterInfo, check_same_grid, read_raster
 from .splits import (ALL, SPLIT_ALIASES, SPLITS, canonical_split, find_list_file, find_split_files,
                      missing_split_list_error, read_split_rows, resolve_splits, selects_all)
@@ -296,46 +297,8 @@ def label_list(labels, where: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # BigEarthNet v2 (reBEN): LMDB of safetensors blobs + metadata parquet files
 
-
 METADATA_FILE = "metadata.parquet"
 SNOW_CLOUD_METADATA_FILE = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
-
-
-def find_lmdb_dir(root: Path) -> Path:
-    """The folder under `root` (or `root` itself) holding the LMDB `data.mdb`."""
-    if (root / "data.mdb").is_file():
-        return root
-    candidates = sorted(p.parent for p in root.glob("*/data.mdb"))
-    if not candidates:
-        raise FileNotFoundError(f"no LMDB found: neither {root}/data.mdb nor {root}/*/data.mdb exists")
-    preferred = [c for c in candidates if c.name == "BigEarthNet-V2-LMDB"]
-    if len(candidates) > 1 and not preferred:
-        raise FileNotFoundError(f"several LMDB folders under {root}: {[str(c) for c in candidates]}; pass one root")
-    return (preferred or candidates)[0]
-
-
-# py-lmdb refuses to open one environment twice in a process (LMDB's locks are per process and file), so every
-# dataset reading the same LMDB in a process shares one read-only handle. A handle inherited through fork() (a
-# DataLoader worker) is closed in the child and reopened: LMDB handles must not be used across fork().
-_LMDB_ENVS: dict[str, tuple[int, tuple[int, int], object]] = {}
-
-
-def shared_lmdb_env(path: str | os.PathLike):
-    """This process's read-only handle on the LMDB folder `path` (opened on first use)."""
-    import lmdb
-
-    key = str(Path(path).resolve())
-    data_file = os.stat(Path(key) / "data.mdb")
-    file_id = (data_file.st_dev, data_file.st_ino)
-    cached = _LMDB_ENVS.get(key)
-    if cached is not None:
-        pid, cached_file_id, env = cached
-        if pid == os.getpid() and cached_file_id == file_id:
-            return env
-        env.close()  # inherited from the parent process, or the files were replaced
-    env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
-    _LMDB_ENVS[key] = (os.getpid(), file_id, env)
-    return env
 
 
 class BigEarthNetV2(_BigEarthNetBase):
@@ -378,8 +341,7 @@ class BigEarthNetV2(_BigEarthNetBase):
         self.s1_names = list(self.metadata["s1_name"])
         self.split_of = dict(zip(self.metadata["patch_id"], self.metadata["split"]))
         self._require_samples(split, f"the BigEarthNet v2 metadata under {self.root}")
-        self._env = None
-        self._env_pid = None
+        self.store = BlobStore(self.lmdb_path)
         self.track_skipped(self._rows_dropped)
 
     def _read_metadata(self) -> pd.DataFrame:
@@ -424,18 +386,6 @@ class BigEarthNetV2(_BigEarthNetBase):
             metadata = metadata[~no_s1]
         return metadata.reset_index(drop=True)
 
-    def _transaction_env(self):
-        if self._env is None or self._env_pid != os.getpid():
-            self._env = shared_lmdb_env(self.lmdb_path)
-            self._env_pid = os.getpid()
-        return self._env
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_env"] = None
-        state["_env_pid"] = None
-        return state
-
     def _lmdb_key(self, index: int, modality: str) -> str:
         return self.ids[index] if modality == "s2" else self.s1_names[index]
 
@@ -443,21 +393,9 @@ class BigEarthNetV2(_BigEarthNetBase):
         return f"patch {self.ids[index]} ({modality} key {self._lmdb_key(index, modality)})"
 
     def read_bands_and_nodata(self, index: int, modality: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        from safetensors.numpy import load as load_safetensors
-
-        key = self._lmdb_key(index, modality)
-        with self._transaction_env().begin(buffers=False) as txn:
-            blob = txn.get(key.encode())
-        if blob is None:
-            raise BigEarthNetDataError(
-                f"{self._source_name(index, modality)}: key missing from the LMDB {self.lmdb_path}"
-            )
-        try:
-            return load_safetensors(blob), {}
-        except Exception as error:  # safetensors raises several types for corrupt headers/bodies
-            raise BigEarthNetDataError(
-                f"{self._source_name(index, modality)}: corrupt LMDB value, not a safetensors blob ({error})"
-            ) from None
+        what = self._source_name(index, modality)
+        with self.store.views(self._lmdb_key(index, modality), what, BigEarthNetDataError) as views:
+            return {band: view.copy() for band, (view, _) in views.items()}, {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import fcntl
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
 import time
@@ -61,8 +60,9 @@ from mmfuse_fast.errors import ConfigError, DataError, Interrupted, PackError, U
 
 from .bands import BAND_STATS, MODALITY_BANDS
 from .base import resolve_stats
-from .bigearthnet import BIGEARTHNET_CLASSES, METADATA_FILE, labels_to_multi_hot, shared_lmdb_env
-from .geotiff import DataFileError, RasterDataset
+from .bigearthnet import BIGEARTHNET_CLASSES, METADATA_FILE, labels_to_multi_hot
+from .blob_store import BlobStore, shared_lmdb_env
+from .geotiff import RasterDataset
 from .splits import resolve_splits, selects_all
 
 FORMATS = ("bigearthnet_v1", "sen12ms", "seg_tiles")
@@ -107,64 +107,6 @@ def _source_dataset(fmt: str, root, options: Mapping | None, layout: str):
 
 
 # -- blobs -----------------------------------------------------------------------------------------------------------
-
-_NUMPY_OF_SAFETENSORS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-                         "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                         "U16": np.uint16, "U32": np.uint32, "BOOL": np.bool_}
-_LAYOUTS: dict[bytes, dict[str, tuple]] = {}  # header bytes -> parsed header: the samples of a pack share a few
-
-
-def blob_views(blob) -> dict[str, tuple[np.ndarray, bool]]:
-    """{name: (read-only array viewing `blob`, whether it holds bfloat16 bits as uint16)} of a safetensors blob (a
-    buffer, e.g. an LMDB memory map: the views are valid while it is). Raises ValueError for another blob."""
-    size = len(blob)
-    header_size = int.from_bytes(bytes(blob[:8]), "little")
-    if not 2 <= header_size <= size - 8:
-        raise ValueError(f"header size {header_size} does not fit a blob of {size} bytes")
-    header_bytes = bytes(blob[8: 8 + header_size])
-    layout = _LAYOUTS.get(header_bytes)
-    if layout is None:
-        layout = {}
-        for name, spec in json.loads(header_bytes).items():
-            if name == "__metadata__":
-                continue
-            dtype, shape = np.dtype(_NUMPY_OF_SAFETENSORS[spec["dtype"]]), tuple(spec["shape"])
-            start, end = spec["data_offsets"]
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name!r}: offsets {start}..{end} do not fit its shape {shape}")
-            layout[name] = (dtype, shape, 8 + header_size + start, 8 + header_size + end, spec["dtype"] == "BF16")
-        if len(_LAYOUTS) < 64:
-            _LAYOUTS[header_bytes] = layout
-    views = {}
-    for name, (dtype, shape, start, end, bf16) in layout.items():
-        if end > size:
-            raise ValueError(f"tensor {name!r} ends at byte {end} of a blob of {size}")
-        views[name] = (np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape), bf16)
-    return views
-
-
-def blob_arrays(blob, select: Mapping[str, Sequence[int] | None] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors blob, each copied once into its own memory.
-
-    `select`: {name: channel indices along the first axis, or None for all}; other names are left out (default:
-    every tensor, whole). Raises ValueError for a blob that is not safetensors or lacks a selected name."""
-    return copy_views(blob_views(blob), select)
-
-
-def copy_views(views: Mapping[str, tuple[np.ndarray, bool]], select: Mapping[str, Sequence[int] | None] | None
-               ) -> dict[str, torch.Tensor]:
-    """`blob_arrays` of the views `blob_views` gave."""
-    missing = sorted(set(select or ()) - set(views))
-    if missing:
-        raise ValueError(f"no tensor {missing[0]!r} in the blob (it has {sorted(views)})")
-    out = {}
-    for name in views if select is None else select:
-        view, bf16 = views[name]
-        channels = None if select is None else select[name]
-        tensor = torch.from_numpy(view.copy() if channels is None else view[channels])  # indexing copies too
-        out[name] = tensor.view(torch.bfloat16) if bf16 else tensor
-    return out
-
 
 def _store(array: np.ndarray, dtype: str, where: str) -> torch.Tensor:
     """`array` (float32 raw values) in the pack's storage dtype; integer dtypes only hold values they represent
@@ -683,16 +625,11 @@ class PackedDataset(RasterDataset):
         self._setup(modalities or list(self.available_bands), bands, normalize, merged, on_error)
         self.raw = False
         self.lmdb_path = self.root / self.manifest["lmdb"]
-        self._env, self._env_pid = None, None
+        self.store = BlobStore(self.lmdb_path)
         select = {m: [self.available_bands[m].index(b) for b in self.bands[m]] for m in self.modalities}
         self._blob_select = {m: None if channels == list(range(len(self.available_bands[m]))) else channels
                              for m, channels in select.items()}
         self._blob_select["label"] = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_env"] = None
-        return state
 
     def raw_values(self) -> PackedDataset:
         """This reader, returning each modality as stored: the pack's dtype (integers, bf16 or float32), NaN at
@@ -706,20 +643,6 @@ class PackedDataset(RasterDataset):
         raw.raw = True
         return raw
 
-    def _views(self, txn, index: int) -> dict[str, tuple[np.ndarray, bool]]:
-        blob = txn.get(self.ids[index].encode())
-        if blob is None:
-            raise DataFileError(f"sample {self.ids[index]}: key missing from the LMDB {self.lmdb_path}")
-        try:
-            return blob_views(blob)
-        except (ValueError, KeyError, TypeError) as error:
-            raise DataFileError(f"sample {self.ids[index]}: corrupt blob in {self.lmdb_path} ({error})") from None
-
-    def _transaction(self):
-        if self._env is None or self._env_pid != os.getpid():
-            self._env, self._env_pid = shared_lmdb_env(self.lmdb_path), os.getpid()
-        return self._env.begin(buffers=True)
-
     def read_sample_into(self, index: int, out: Mapping[str, torch.Tensor]) -> dict | None:
         """Raw values only: writes sample `index` into `out` ({modality and "label": a tensor of its shape and
         dtype}, e.g. a row of the loader's batch buffer: one copy from the memory map, no allocation) and returns
@@ -728,8 +651,7 @@ class PackedDataset(RasterDataset):
         skips bad samples (their replacement is `self[index]`'s business)."""
         if not self.raw or self.on_error != "raise" or set(out) != {*self.modalities, "label"}:
             return None
-        with self._transaction() as txn:
-            views = self._views(txn, index)
+        with self.store.views(self.ids[index], f"sample {self.ids[index]}") as views:
             for name, target in out.items():
                 view, bf16 = views.get(name, (None, False))
                 if view is None or bf16 != (target.dtype == torch.bfloat16):
@@ -749,12 +671,7 @@ class PackedDataset(RasterDataset):
 
     def read_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """{modality: stored values of the selected bands (C, H, W), "label": as stored} of sample `index`."""
-        with self._transaction() as txn:
-            views = self._views(txn, index)
-            try:
-                return copy_views(views, self._blob_select)
-            except ValueError as error:
-                raise DataFileError(f"sample {self.ids[index]}: blob in {self.lmdb_path} unusable ({error})") from None
+        return self.store.arrays(self.ids[index], f"sample {self.ids[index]}", select=self._blob_select)
 
     def _label(self, label: torch.Tensor) -> torch.Tensor:
         if self.task == "scene":

@@ -18,7 +18,8 @@ from mmfuse_fast.data import (
     build_dataset,
     compute_band_stats,
 )
-from mmfuse_fast.data.bigearthnet import class_index, label_key, shared_lmdb_env
+from mmfuse_fast.data.bigearthnet import class_index, label_key
+from mmfuse_fast.data.blob_store import shared_lmdb_env
 from mmfuse_fast.data.loader import SharedBatchLoader
 
 lmdb = pytest.importorskip("lmdb")
@@ -217,10 +218,10 @@ def test_unknown_label_in_metadata(ben_v2_root, tmp_path):
 
 def test_lazy_lmdb_and_dataloader_workers(ben_v2_root):
     ds = BigEarthNetV2(ben_v2_root, split="validation")
-    assert ds._env is None  # nothing opened before the first read
+    assert not ds.store.opened  # nothing opened before the first read
     first = ds[0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._env is None and torch.equal(clone[0]["s2"], first["s2"])
+    assert not clone.store.opened and torch.equal(clone[0]["s2"], first["s2"])
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, shuffle=False)
     batches = list(loader)
     assert sum(len(b["id"]) for b in batches) == 8
