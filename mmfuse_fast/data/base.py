@@ -98,16 +98,20 @@ class SkipBadSamples:
         raise self._all_bad_error(f"every one of the {len(self)} samples is bad (on_error='skip')")
 
 
-def skipped_count(dataset) -> int:
-    """`skipped` of the reader under `dataset` (through `Subset`, `ConcatDataset` and wrappers holding it as
-    `.dataset`); 0 for data that counts nothing."""
-    if isinstance(dataset, SkipBadSamples):
-        return dataset.skipped
-    inner = getattr(dataset, "datasets", None)
-    if inner is not None:
-        return sum(skipped_count(d) for d in inner)
+def skipped_count(dataset) -> int | None:
+    """The samples the readers under `dataset` left out (on_error=skip), as each counts them in its integer
+    `skipped`: distinct samples, over the process and its DataLoader workers. Readers are found through wrappers
+    that hold their data as `.dataset` (Subset) or `.datasets` (ConcatDataset). None when no reader under
+    `dataset` counts them."""
+    count = getattr(dataset, "skipped", None)
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    parts = getattr(dataset, "datasets", None)
+    if parts is not None:
+        counts = [c for c in map(skipped_count, parts) if c is not None]
+        return sum(counts) if counts else None
     inner = getattr(dataset, "dataset", None)
-    return skipped_count(inner) if inner is not None else 0
+    return None if inner is None or inner is dataset else skipped_count(inner)
 
 
 class BandDataset(SkipBadSamples, Dataset):

@@ -8,7 +8,7 @@
 `Run` holds what the loop needs; the entry points (engine/pretrain.py, engine/finetune.py) build it from their
 configs. Resuming: `restore_training_state` loads a checkpoint written by `Run.save`, so a run killed at any point
 continues with the same weights, optimizer state, RNG streams and data position. The samples the readers skipped
-(on_error=skip; engine/observe.py's skipped_samples) are summed over ranks and logged as `skipped_samples`.
+(on_error=skip; mmfuse_fast.data.skipped_count) are summed over ranks and logged as `skipped_samples`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import torch
 from torch.utils.data import Dataset
 
 from mmfuse_fast.config import OptimConfig, TrainConfig, load_config
+from mmfuse_fast.data import skipped_count
 from mmfuse_fast.engine.checkpoint import (LoadedCheckpoint, apply_weights, config_differences, config_hash,
                                            hashed_config_values, rng_state, save_checkpoint, set_rng_state)
 from mmfuse_fast.engine.distributed import DistInfo, broadcast_flag
 from mmfuse_fast.engine.logging import MetricLogger
-from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops, skipped_samples
+from mmfuse_fast.engine.observe import TensorBoardWriter, ThroughputMeter, peak_tflops
 from mmfuse_fast.engine.rundir import CONFIG_NAME
 from mmfuse_fast.engine.schedule import lr_at
 from mmfuse_fast.engine.step import TrainStep, nvtx_range
@@ -179,7 +180,7 @@ def run_loop(run: Run) -> dict:
     logger = MetricLogger(run.run_dir, total_steps=steps, start_step=step, desc=run.desc,
                           progress=run.progress) if info.is_main else None
     last_ckpt, interrupted = run.last_checkpoint, None
-    counts_skips = skipped_samples(run.train_set) is not None  # data that counts nothing gets no such field
+    counts_skips = skipped_count(run.train_set) is not None  # data that counts nothing gets no such field
     stop = StopSignal()
     stop.install()
     try:
@@ -238,7 +239,7 @@ def run_loop(run: Run) -> dict:
 def _skipped_total(train_set: Dataset, info: DistInfo) -> int:
     """The skipped samples of every rank (a host-side sum over ranks, no device sync; each rank's readers count
     their own, so a bad sample met by two ranks counts twice)."""
-    total = skipped_samples(train_set) or 0
+    total = skipped_count(train_set) or 0
     if not info.enabled:
         return total
     import torch.distributed as dist

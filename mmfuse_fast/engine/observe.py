@@ -1,5 +1,4 @@
-"""Throughput observability: per-interval samples/s, step time, data-loading share, TFLOP/s, MFU, peak memory;
-and the count of samples the readers skipped.
+"""Throughput observability: per-interval samples/s, step time, data-loading share, TFLOP/s, MFU, peak memory.
 
 MFU = achieved model FLOP/s (analytic count, `model.flops_per_sample()`, forward + backward) / the device's dense
 peak for the step's compute dtype. Peaks come from `PEAK_TFLOPS` (dense, no sparsity) by device name, or from the
@@ -13,12 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from mmfuse_fast.engine.rundir import TENSORBOARD_DIR
 
-__all__ = ["PEAK_TFLOPS", "peak_tflops", "ThroughputMeter", "TensorBoardWriter", "peak_rss_mib",
-           "skipped_samples"]
+__all__ = ["PEAK_TFLOPS", "peak_tflops", "ThroughputMeter", "TensorBoardWriter", "peak_rss_mib"]
 
 # Dense tensor-core peaks in TFLOP/s: (bf16/fp16, tf32, fp32).
 PEAK_TFLOPS = {
@@ -138,20 +135,3 @@ class TensorBoardWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-
-def skipped_samples(dataset: Dataset) -> int | None:
-    """The samples the readers under `dataset` left out (on_error=skip), as each counts them in its integer
-    `skipped`: distinct samples, over the process and its DataLoader workers (the readers keep the count in shared
-    memory). Readers are found through wrappers that hold their data as `.dataset` (Subset) or `.datasets`
-    (ConcatDataset). None when no reader under `dataset` counts them."""
-    count = getattr(dataset, "skipped", None)
-    if isinstance(count, int) and not isinstance(count, bool):
-        return count
-    parts = getattr(dataset, "datasets", None)
-    if parts is not None:
-        counts = [c for c in map(skipped_samples, parts) if c is not None]
-        return sum(counts) if counts else None
-    inner = getattr(dataset, "dataset", None)
-    return None if inner is None or inner is dataset else skipped_samples(inner)
