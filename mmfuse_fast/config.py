@@ -62,21 +62,11 @@ def require_masks_some_keeps_some(mask_ratio: float, n_tokens: int, key: str) ->
             "reconstruction loss is a mean over the masked ones")
 
 
-def dataset_band_names(dataset: str) -> dict[str, tuple[str, ...]] | None:
-    """{modality: band names} of a dataset whose bands are fixed by its format; None where the files on disk
-    declare them (seg_tiles, packed)."""
-    if dataset in ("bigearthnet_v1", "bigearthnet_v2"):
-        return {"s1": tuple(S1_BANDS), "s2": tuple(S2_BANDS)}
-    if dataset == "sen12ms":
-        from mmfuse_fast.data.sen12ms import SEN12MS_S1_BANDS, SEN12MS_S2_BANDS
-
-        return {"s1": SEN12MS_S1_BANDS, "s2": SEN12MS_S2_BANDS}
-    return None
-
-
 def require_known_modalities(modalities: dict[str, list[str]], dataset: str, key: str) -> None:
     """Refuses a modality, or a band of one, that `dataset` does not have, naming `key` and the known names."""
-    known = dataset_band_names(dataset)
+    from mmfuse_fast.data import format_bands  # the data package owns the bands; it never imports the config
+
+    known = format_bands(dataset)
     if known is None:
         return
     for modality, bands in modalities.items():

@@ -101,23 +101,33 @@ def _packed_bands(root: Path) -> Mapping[str, Sequence[str]]:
     return MODALITY_BANDS if manifest.get("format") == "bigearthnet_v1" else manifest["bands"]
 
 
+def _file_bands(data_cfg, modalities: Sequence[str]) -> Mapping[str, Sequence[str]]:
+    """The bands the files of a seg_tiles or packed dataset declare."""
+    if data_cfg.dataset == "seg_tiles":
+        options = dict(getattr(data_cfg, "options", None) or {})
+        dirs = dict(data_cfg.modality_dirs)
+        return SegmentationTiles.declared_bands(data_cfg.root, {m: dirs.get(m, m) for m in modalities},
+                                                options.get("label_dir", data_cfg.label_dir),
+                                                options.get("band_names"))
+    if data_cfg.dataset == "packed":
+        return _packed_bands(Path(data_cfg.root))
+    reader_options(data_cfg.dataset)  # an unknown dataset: the error naming data.dataset
+    raise AssertionError(f"no band source for dataset {data_cfg.dataset!r}")
+
+
+def format_bands(dataset: str) -> dict[str, tuple[str, ...]] | None:
+    """{modality: band names} of a dataset whose format fixes its bands; None where its files declare them."""
+    if dataset in ("bigearthnet_v1", "bigearthnet_v2"):
+        return dict(MODALITY_BANDS)
+    if dataset == "sen12ms":
+        return {"s1": SEN12MS_S1_BANDS, "s2": SEN12MS_S2_BANDS}
+    return None
+
+
 def declared_bands(data_cfg, modalities: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """{modality: band names} the data of `data_cfg` declares for each of `modalities`, in the data's order: what
     an empty band list in `model.modalities` stands for. Reads at most one file per modality."""
-    if data_cfg.dataset in ("bigearthnet_v1", "bigearthnet_v2"):
-        known = MODALITY_BANDS
-    elif data_cfg.dataset == "sen12ms":
-        known = {"s1": SEN12MS_S1_BANDS, "s2": SEN12MS_S2_BANDS}
-    elif data_cfg.dataset == "seg_tiles":
-        options = dict(getattr(data_cfg, "options", None) or {})
-        dirs = dict(data_cfg.modality_dirs)
-        known = SegmentationTiles.declared_bands(data_cfg.root, {m: dirs.get(m, m) for m in modalities},
-                                                 options.get("label_dir", data_cfg.label_dir),
-                                                 options.get("band_names"))
-    elif data_cfg.dataset == "packed":
-        known = _packed_bands(Path(data_cfg.root))
-    else:
-        reader_options(data_cfg.dataset)
+    known = format_bands(data_cfg.dataset) or _file_bands(data_cfg, modalities)
     missing = [m for m in modalities if m not in known]
     if missing:
         raise ConfigError(f"config key 'model.modalities' names {missing}, which data.dataset={data_cfg.dataset} "
@@ -153,6 +163,7 @@ __all__ = [
     "check_reader_options",
     "compute_band_stats",
     "declared_bands",
+    "format_bands",
     "fetch_bigearthnet_v2_sample",
     "pack_dataset",
     "read_split_list",
