@@ -40,8 +40,6 @@ Safety: the source is never written, and a finished pack is replaced only by a v
 from __future__ import annotations
 
 import copy
-import errno
-import fcntl
 import hashlib
 import inspect
 import json
@@ -57,6 +55,7 @@ import pandas as pd
 import torch
 
 from mmfuse_fast.errors import ConfigError, DataError, Interrupted, PackError, UsageError
+from mmfuse_fast.file_lock import FileLock, LockHeld
 
 from .bands import BAND_STATS, MODALITY_BANDS
 from .base import resolve_stats
@@ -252,25 +251,13 @@ def check_out_apart_from_root(root: Path, out: Path) -> None:
 
 @contextmanager
 def pack_lock(lock_path: Path):
-    """Holds an exclusive flock on `lock_path` (created if missing) while the pack runs; a second holder is refused."""
-    handle = open(lock_path, "a+")
+    """Holds an exclusive lock on `lock_path` (created if missing) while the pack runs; a second holder is refused."""
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PackError(f"another `mmfuse data pack` is writing this output ({lock_path} is held by {holder}); "
-                            f"wait for it to finish") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock; the file stays, so no second packer races a new one
+        with FileLock(lock_path):
+            yield
+    except LockHeld as held:
+        raise PackError(f"another `mmfuse data pack` is writing this output ({lock_path} is held by "
+                        f"{held.holder or 'another process'}); wait for it to finish") from None
 
 
 def _finish_cut_swap(paths: dict[str, Path]) -> None:

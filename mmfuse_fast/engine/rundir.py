@@ -19,10 +19,7 @@ A fine-tuning run adds::
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +32,7 @@ from mmfuse_fast.engine.checkpoint import (CHECKPOINT_DIR, LATEST_NAME, STATE_NA
                                            atomic_write_text, complete_checkpoints, discard_partial_checkpoints,
                                            incomplete_checkpoints, read_newest_checkpoint)
 from mmfuse_fast.errors import CheckpointError, ConfigError, RunDirError
+from mmfuse_fast.file_lock import FileLock, LockHeld
 
 __all__ = ["CONFIG_NAME", "MODEL_CONFIG_NAME", "LABEL_SUBSET_NAME", "TASK_NAME", "METRICS_NAME", "CHECKPOINT_DIR",
            "LATEST_NAME", "WEIGHTS_NAME", "STATE_NAME", "TENSORBOARD_DIR", "LOCK_NAME", "RunDirLock",
@@ -56,70 +54,41 @@ def eval_metrics_path(run_dir: str | Path, split: str) -> Path:
 
 class RunDirLock:
     """An exclusive hold on a directory (a run directory, a sweep directory) for as long as one process works in
-    it: `flock` on its run.lock, which names the holder (pid and host) for the error a second process gets.
-
-    The kernel drops the lock when the holding process ends, however it ends (SIGKILL included), so a lock file
-    left by a dead process never blocks. Two holds of one directory conflict even within one process. The lock is
-    as good as the filesystem's flock: local filesystems, NFSv4 and Lustre (mounted with flock) honour it across
-    hosts."""
+    it: a `FileLock` on its run.lock (mmfuse_fast/file_lock.py: dropped by the kernel when the holder dies; names
+    the holder for the error a second process gets)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._fd: int | None = None
+        self._lock = FileLock(self.directory / LOCK_NAME)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock.held
 
     def acquire(self) -> "RunDirLock":
         """Creates the directory if needed and takes the lock; a RunDirError when another process holds it."""
         directory = self.directory
         if directory.exists() and not directory.is_dir():
             raise RunDirError(f"run directory {directory} exists and is not a directory")
-        path = directory / LOCK_NAME
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise RunDirError(f"cannot use run directory {directory}: {error.strerror or error}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunDirError(f"{directory} is in use by another run{_holder(path)}; wait for it to end or choose "
+            self._lock.acquire()
+        except LockHeld as held:
+            holder = f" ({held.holder})" if held.holder else ""
+            raise RunDirError(f"{directory} is in use by another run{holder}; wait for it to end or choose "
                               f"another directory") from None
         except OSError as error:
-            os.close(fd)
-            raise RunDirError(f"cannot lock run directory {directory} ({path}: {error.strerror or error})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+            raise RunDirError(f"cannot use run directory {directory}: {error.strerror or error}") from None
         return self
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)  # the file names the holder only while there is one
-        except OSError:
-            pass
-        os.close(fd)  # drops the lock
+        self._lock.release()
 
     def __enter__(self) -> "RunDirLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _holder(lock_path: Path) -> str:
-    """' (pid N on host H)' from a lock file, or '' while the holder has not written it yet."""
-    try:
-        pid, host = lock_path.read_text().split()[:2]
-    except (OSError, ValueError):
-        return ""
-    return f" (pid {pid} on host {host})"
 
 
 def prepare_run_dir(run_dir: str | Path, resume: bool, holder: bool = True) -> tuple[Path, LoadedCheckpoint | None]:
